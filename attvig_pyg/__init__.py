@@ -1,0 +1,6 @@
+"""AttentionViG and its cross-attention graph convolution for PyTorch Geometric and timm."""
+from attvig_pyg.nn import CrossAttnConv, MaxRelativeConv
+
+__version__ = "0.1.0"
+
+__all__ = ["CrossAttnConv", "MaxRelativeConv", "__version__"]

@@ -1,0 +1,47 @@
+"""Input checks shared by the convs: clear errors instead of a failed gather deep inside PyG."""
+from torch import Tensor
+
+from torch_geometric.typing import Adj, SparseTensor
+from torch_geometric.utils import is_torch_sparse_tensor
+
+
+def check_node_features(x: Tensor, channels: int, role: str) -> None:
+    """Raises if ``x`` is not ``[num_nodes, channels]`` (``channels < 0``: any width)."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"Expected {role} node features to be a Tensor (got {type(x).__name__})")
+    if x.dim() != 2:
+        raise ValueError(f"Expected {role} node features of shape [num_nodes, channels] "
+                         f"(got a tensor with {x.dim()} dimensions, shape {tuple(x.shape)})")
+    if channels > 0 and x.size(-1) != channels:
+        raise ValueError(f"Expected {role} node features with {channels} channels "
+                         f"(got {x.size(-1)})")
+
+
+def check_adjacency(edge_index: Adj, num_src: int, num_dst: int) -> None:
+    """Raises if ``edge_index`` refers to nodes that do not exist.
+
+    ``edge_index[0]`` indexes the ``num_src`` source nodes, ``edge_index[1]`` the ``num_dst``
+    target nodes; a sparse adjacency is the transposed one, of size ``[num_dst, num_src]``.
+    """
+    if isinstance(edge_index, SparseTensor) or is_torch_sparse_tensor(edge_index):
+        rows, cols = edge_index.size(0), edge_index.size(1)
+        if (rows, cols) != (num_dst, num_src):
+            raise ValueError(f"Expected a sparse adjacency of size [{num_dst}, {num_src}] "
+                             f"([num_target_nodes, num_source_nodes]), got [{rows}, {cols}]")
+        return
+    if not isinstance(edge_index, Tensor):
+        raise TypeError("Expected 'edge_index' to be a Tensor, SparseTensor or torch.sparse "
+                        f"Tensor (got {type(edge_index).__name__})")
+    if edge_index.dim() != 2 or edge_index.size(0) != 2:
+        raise ValueError(f"Expected 'edge_index' of shape [2, num_edges] "
+                         f"(got {tuple(edge_index.shape)})")
+    if edge_index.is_floating_point() or edge_index.is_complex():
+        raise ValueError(f"Expected 'edge_index' of an integer dtype (got {edge_index.dtype})")
+    if edge_index.numel() == 0:
+        return
+    for row, name, count in ((0, "source", num_src), (1, "target", num_dst)):
+        low, high = int(edge_index[row].min()), int(edge_index[row].max())
+        if low < 0 or high >= count:
+            bad = low if low < 0 else high
+            raise IndexError(f"'edge_index[{row}]' holds {name} node id {bad}, outside the valid "
+                             f"range [0, {count - 1}] of the {count} {name} nodes")
