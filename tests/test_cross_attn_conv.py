@@ -7,6 +7,8 @@ from conftest import requires_torch_sparse
 from reference import cross_attention
 
 from attvig_pyg import CrossAttnConv
+from attvig_pyg.adjacency import BlockAdjacency
+from attvig_pyg.graphs import build_graph
 from torch_geometric.typing import SparseTensor
 from torch_geometric.utils import coalesce, to_torch_csr_tensor
 
@@ -268,3 +270,61 @@ def test_compiled_matches_eager():
     x, _, edge_index = random_graph(20, 20, 80, dtype=torch.float32)
     compiled = torch.compile(conv, fullgraph=True)
     assert torch.allclose(compiled(x, edge_index), conv(x, edge_index), atol=1e-5)
+
+
+BLOCK_GRIDS = [(2, 8, 8, 2), (3, 7, 10, 3), (2, 5, 6, (2, 4)), (1, 1, 1, 1)]
+
+
+@pytest.mark.parametrize("policy", ["svga", "dagc"])
+@pytest.mark.parametrize("normalize", ["none", "softmax", "mean"])
+@pytest.mark.parametrize("self_loops", [False, True])
+def test_block_adjacency_equals_edge_index(policy, normalize, self_loops):
+    for batch_size, height, width, k in BLOCK_GRIDS:
+        conv = make_conv(8, 8, heads=2, normalize=normalize)
+        x = torch.randn(batch_size * height * width, 8, dtype=torch.float64, requires_grad=True)
+        blocks = build_graph(policy, x.detach(), k=k, self_loops=self_loops, blocks=True,
+                             grid_size=(height, width))
+        out, (edges, alpha) = conv(x, blocks, return_attention_weights=True)
+        expected, (_, expected_alpha) = conv(x, blocks.to_edge_index(),
+                                             return_attention_weights=True)
+        assert torch.equal(edges, blocks.to_edge_index())
+        assert (out - expected).abs().max() < 1e-9
+        assert alpha.shape == expected_alpha.shape
+        assert alpha.numel() == 0 or (alpha - expected_alpha).abs().max() < 1e-9
+        grads = torch.autograd.grad(out.sum(), [x, conv.log_beta, conv.lin_key.weight])
+        expected_grads = torch.autograd.grad(expected.sum(), [x, conv.log_beta,
+                                                              conv.lin_key.weight])
+        for grad, expected_grad in zip(grads, expected_grads):
+            assert (grad - expected_grad).abs().max() < 1e-9
+
+
+def test_block_adjacency_dropout_only_in_training():
+    x = torch.randn(2 * 36, 8)
+    blocks = build_graph("svga", x, k=2, blocks=True, grid_size=(6, 6))
+    conv = CrossAttnConv(8, 8, dropout=1.0)
+    no_message = F.gelu(conv.lin_out(torch.cat([x, torch.zeros_like(x)], dim=-1)))
+    assert torch.allclose(conv(x, blocks), no_message, atol=1e-6)
+    conv.eval()
+    assert torch.allclose(conv(x, blocks), conv(x, blocks.to_edge_index()), atol=1e-6)
+
+
+def test_block_adjacency_bad_input():
+    conv = CrossAttnConv(8, 8)
+    blocks = build_graph("svga", torch.randn(36, 8), k=2, blocks=True, grid_size=(6, 6))
+    with pytest.raises(ValueError, match="graph on 36 nodes, but the node features hold 30"):
+        conv(torch.randn(30, 8), blocks)
+    with pytest.raises(ValueError, match="single node feature tensor"):
+        CrossAttnConv((8, 8), 8)((torch.randn(36, 8), torch.randn(36, 8)), blocks)
+    bad = BlockAdjacency(parts=((torch.tensor([[0, 40]]), torch.ones(2, 2, dtype=torch.bool)),),
+                         num_nodes=36)
+    with pytest.raises(IndexError, match="outside \\[0, 35\\]"):
+        conv(torch.randn(36, 8), bad)
+
+
+def test_block_adjacency_no_graph_break_under_dynamo():
+    conv = CrossAttnConv(8, 16, heads=4)
+    x = torch.randn(2 * 48, 8)
+    blocks = build_graph("svga", x, k=2, blocks=True, grid_size=(6, 8))
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(conv)(x, blocks)
+    assert explanation.graph_break_count == 0, explanation.break_reasons

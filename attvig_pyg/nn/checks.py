@@ -1,8 +1,11 @@
 """Input checks shared by the convs: clear errors instead of a failed gather deep inside PyG."""
+import torch
 from torch import Tensor
 
 from torch_geometric.typing import Adj, SparseTensor
 from torch_geometric.utils import is_torch_sparse_tensor
+
+from attvig_pyg.adjacency import BlockAdjacency
 
 
 def check_node_features(x: Tensor, channels: int, role: str) -> None:
@@ -45,3 +48,19 @@ def check_adjacency(edge_index: Adj, num_src: int, num_dst: int) -> None:
             bad = low if low < 0 else high
             raise IndexError(f"'edge_index[{row}]' holds {name} node id {bad}, outside the valid "
                              f"range [0, {count - 1}] of the {count} {name} nodes")
+
+
+def check_block_adjacency(adj: BlockAdjacency, x_src: Tensor, x_dst: Tensor) -> None:
+    """Raises unless ``adj`` is a graph on exactly the nodes of the one feature tensor given."""
+    if x_src is not x_dst:
+        raise ValueError("A BlockAdjacency joins the nodes of one set: pass a single node feature "
+                         "tensor, not a (source, target) pair")
+    if adj.num_nodes != x_src.size(0):
+        raise ValueError(f"The BlockAdjacency is a graph on {adj.num_nodes} nodes, but the node "
+                         f"features hold {x_src.size(0)}")
+    if torch.compiler.is_compiling():
+        return
+    for index, _ in adj.parts:
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= adj.num_nodes):
+            raise IndexError(f"A BlockAdjacency index holds node ids in [{int(index.min())}, "
+                             f"{int(index.max())}], outside [0, {adj.num_nodes - 1}]")

@@ -1,5 +1,5 @@
 import math
-from typing import Optional, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -12,7 +12,8 @@ from torch_geometric.typing import Adj, OptTensor, PairTensor, SparseTensor
 from torch_geometric.utils import is_torch_sparse_tensor, scatter, softmax
 from torch_geometric.utils.sparse import set_sparse_value
 
-from attvig_pyg.nn.checks import check_adjacency, check_node_features
+from attvig_pyg.adjacency import BlockAdjacency
+from attvig_pyg.nn.checks import check_adjacency, check_block_adjacency, check_node_features
 
 NORMALIZE_MODES = ("none", "softmax", "mean")
 
@@ -52,6 +53,11 @@ class CrossAttnConv(MessagePassing):
     learnable scalar per layer, so :math:`\alpha \in [e^{-2\beta}, 1]`. The weights do not compete
     (no softmax) unless :obj:`normalize` asks for it. The conv uses the edges exactly as given: it
     adds no self-loops and removes none.
+
+    Besides the usual adjacency forms, :meth:`forward` accepts a
+    :class:`~attvig_pyg.adjacency.BlockAdjacency` (a graph made of dense blocks, as the SVGA and
+    DAGC builders of :mod:`attvig_pyg.graphs` produce): the same computation with the same
+    parameters, as batched matrix products per block instead of per-edge gathers and scatters.
 
     Args:
         in_channels (int or tuple): Size of each input sample, or :obj:`-1` to derive it from the
@@ -176,12 +182,13 @@ class CrossAttnConv(MessagePassing):
 
         Args:
             x (torch.Tensor or (torch.Tensor, torch.Tensor)): The input node features.
-            edge_index (torch.Tensor, SparseTensor or torch.sparse.Tensor): The edges
-                (:obj:`edge_index[0]` sends to :obj:`edge_index[1]`), or the transposed sparse
-                adjacency.
+            edge_index (torch.Tensor, SparseTensor, torch.sparse.Tensor or BlockAdjacency): The
+                edges (:obj:`edge_index[0]` sends to :obj:`edge_index[1]`), the transposed sparse
+                adjacency, or dense blocks (homogeneous graphs only).
             return_attention_weights (bool, optional): If set to any value, also return
                 :obj:`(edge_index, alpha)` with :obj:`alpha` of shape :obj:`[num_edges, heads]`
-                (for sparse input: the adjacency carrying :obj:`alpha` as its values).
+                (for sparse input: the adjacency carrying :obj:`alpha` as its values; for blocks:
+                :meth:`BlockAdjacency.to_edge_index` and the weights in its order).
         """
         if isinstance(x, Tensor):
             x = (x, x)
@@ -190,7 +197,9 @@ class CrossAttnConv(MessagePassing):
             self.in_channels, int) else self.in_channels)
         check_node_features(x_src, in_src, "source")
         check_node_features(x_dst, in_dst, "target")
-        if not torch.compiler.is_compiling():
+        if isinstance(edge_index, BlockAdjacency):
+            check_block_adjacency(edge_index, x_src, x_dst)
+        elif not torch.compiler.is_compiling():
             check_adjacency(edge_index, x_src.size(0), x_dst.size(0))
 
         H, D = self.heads, self.out_channels // self.heads
@@ -199,14 +208,22 @@ class CrossAttnConv(MessagePassing):
         value = self.lin_value(x_src).view(-1, H, D)
         size = (x_src.size(0), x_dst.size(0))
 
-        alpha = self.edge_updater(edge_index, query=query, key=key, size=size)
-        dropped = F.dropout(alpha, p=self.dropout, training=self.training)
-        aggregated = self.propagate(edge_index, value=value, alpha=dropped, size=size)
+        if isinstance(edge_index, BlockAdjacency):
+            aggregated, block_alphas = self._aggregate_blocks(edge_index, query, key, value)
+        else:
+            alpha = self.edge_updater(edge_index, query=query, key=key, size=size)
+            dropped = F.dropout(alpha, p=self.dropout, training=self.training)
+            aggregated = self.propagate(edge_index, value=value, alpha=dropped, size=size)
 
         out = self.lin_out(torch.cat([x_dst, aggregated.view(-1, H * D)], dim=-1))
         out = F.gelu(out)
 
         if return_attention_weights is not None:
+            if isinstance(edge_index, BlockAdjacency):
+                per_edge = [alpha.permute(0, 2, 3, 1)[mask.expand(index.size(0), -1, -1)]
+                            for (index, mask), alpha in zip(edge_index.parts, block_alphas)]
+                return out, (edge_index.to_edge_index(),
+                             torch.cat([out.new_empty(0, H)] + per_edge))
             if isinstance(edge_index, SparseTensor):
                 return out, edge_index.set_value(alpha, layout="coo")
             if is_torch_sparse_tensor(edge_index):
@@ -214,13 +231,16 @@ class CrossAttnConv(MessagePassing):
             return out, (edge_index, alpha)
         return out
 
+    def affinity(self, similarity: Tensor) -> Tensor:
+        r"""The exponential affinity :math:`\exp(-\beta (1 - s))` of Eq. 5."""
+        return torch.exp(self.log_beta.exp() * (similarity - 1.0))
+
     def edge_update(self, query_i: Tensor, key_j: Tensor, index: Tensor, ptr: OptTensor,
                     dim_size: Optional[int]) -> Tensor:
         similarity = (query_i * key_j).sum(dim=-1)
-        beta = self.log_beta.exp()
-        if self.normalize == "softmax":
-            return softmax(beta * similarity, index, ptr, dim_size)
-        alpha = torch.exp(beta * (similarity - 1.0))
+        if self.normalize == "softmax":  # max-subtracting, so large beta cannot underflow
+            return softmax(self.log_beta.exp() * similarity, index, ptr, dim_size)
+        alpha = self.affinity(similarity)
         if self.normalize == "mean":
             ones = torch.ones_like(index, dtype=alpha.dtype)
             degree = scatter(ones, index, 0, dim_size, reduce="sum")
@@ -229,6 +249,32 @@ class CrossAttnConv(MessagePassing):
 
     def message(self, value_j: Tensor, alpha: Tensor) -> Tensor:
         return value_j * alpha.unsqueeze(-1)
+
+    def _aggregate_blocks(self, adj: BlockAdjacency, query: Tensor, key: Tensor,
+                          value: Tensor) -> Tuple[Tensor, List[Tensor]]:
+        """Eq. 4-7 on dense blocks: per block, scores, weights and the weighted sum of values are
+        batched matrix products; masked pairs get weight zero. Returns the aggregated messages
+        ``[N, H, D]`` and every part's weights ``[blocks, H, S, S]`` before dropout."""
+        alphas = []
+        for index, mask in adj.parts:
+            similarity = torch.einsum("bihd,bjhd->bhij", query[index], key[index])
+            alphas.append(self.affinity(similarity) * mask.unsqueeze(-3))
+        if self.normalize != "none":
+            # Softmax and mean divide by a sum over all incoming edges, which spans parts.
+            total = query.new_zeros(adj.num_nodes, self.heads)
+            for (index, mask), alpha in zip(adj.parts, alphas):
+                weight = (alpha if self.normalize == "softmax" else
+                          mask.unsqueeze(-3).expand_as(alpha).to(alpha))
+                total.index_add_(0, index.flatten(), weight.sum(-1).transpose(1, 2).flatten(0, 1))
+            total = total.clamp_min(torch.finfo(total.dtype).tiny)  # nodes without edges
+            alphas = [alpha / total[index].transpose(1, 2).unsqueeze(-1)
+                      for (index, _), alpha in zip(adj.parts, alphas)]
+        out = value.new_zeros(adj.num_nodes, *value.shape[1:])
+        for (index, _), alpha in zip(adj.parts, alphas):
+            dropped = F.dropout(alpha, p=self.dropout, training=self.training)
+            messages = torch.einsum("bhij,bjhd->bihd", dropped, value[index])
+            out.index_add_(0, index.flatten(), messages.flatten(0, 1))
+        return out, alphas
 
     def __repr__(self) -> str:
         return (f"{self.__class__.__name__}({self.in_channels}, {self.out_channels}, "

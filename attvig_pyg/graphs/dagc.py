@@ -1,0 +1,63 @@
+"""DAGC, the dynamic axial graph of GreedyViG (Munir et al., CVPR 2024)."""
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from attvig_pyg.adjacency import BlockAdjacency
+from attvig_pyg.graphs.grid import IntOrPair, as_feature_map, as_pair, axial_parts, batch_parts
+
+
+@torch.no_grad()
+def dagc_threshold(x: Tensor) -> Tensor:
+    """GreedyViG's per-image threshold: mean - std (unbiased) over the grid of the L1 distance
+    between a feature map ``[B, C, H, W]`` and itself rolled by half the grid, ``(H//2, W//2)``."""
+    rolled = torch.roll(x, shifts=(x.size(2) // 2, x.size(3) // 2), dims=(2, 3))
+    distance = (x - rolled).abs().sum(dim=1).flatten(1)
+    if distance.size(1) < 2:  # one node: no std, and no candidate to keep either
+        return distance.new_full((distance.size(0),), float("-inf"))
+    return distance.mean(dim=1) - distance.std(dim=1)
+
+
+@torch.no_grad()
+def dagc_blocks(x: Tensor, k: IntOrPair, *, self_loops: bool = False,
+                grid_size: Optional[Tuple[int, int]] = None) -> BlockAdjacency:
+    """The DAGC graph of :func:`dagc_graph` as a :class:`~attvig_pyg.adjacency.BlockAdjacency`
+    (SVGA's blocks with a per-block mask)."""
+    x = as_feature_map(x, grid_size)
+    batch_size, channels, height, width = x.shape
+    threshold = dagc_threshold(x)
+    nodes = x.permute(0, 2, 3, 1).reshape(-1, channels)
+    parts = []
+    candidate_parts = axial_parts(height, width, as_pair(k, "k"), self_loops)
+    for index, candidates in batch_parts(candidate_parts, batch_size, height * width, x.device):
+        members = nodes[index]                                     # [blocks, S, C]
+        distance = torch.cdist(members, members, p=1)             # [blocks, S, S]
+        close = distance < threshold[index[:, 0] // (height * width)].view(-1, 1, 1)
+        # Self-loops (the candidates' diagonal, if asked for) are kept unconditionally.
+        close |= torch.eye(index.size(1), dtype=torch.bool, device=x.device)
+        parts.append((index, candidates & close))
+    return BlockAdjacency(parts=tuple(parts), num_nodes=batch_size * height * width)
+
+
+def dagc_graph(x: Tensor, k: IntOrPair, *, self_loops: bool = False,
+               grid_size: Optional[Tuple[int, int]] = None) -> Tensor:
+    r"""The DAGC edges of a feature map: SVGA's candidates kept where they are close.
+
+    A candidate j of node i (as in :func:`~attvig_pyg.graphs.svga_graph`) is kept if the L1
+    distance over channels :math:`\|x_i - x_j\|_1` is strictly below the threshold of its image,
+    :func:`dagc_threshold`. Computed without gradient, per image.
+
+    Args:
+        x (Tensor): Feature map :obj:`[B, C, H, W]`, or node features :obj:`[B * H * W, C]` with
+            :obj:`grid_size`.
+        k (int or (int, int)): Shift step K, or (K_h, K_w).
+        self_loops (bool, optional): Also join every node to itself, once and unconditionally.
+            With a max-relative conv this reproduces GreedyViG's roll-and-max, whose running
+            maximum starts at zero. (default: :obj:`False`)
+        grid_size ((int, int), optional): (H, W) when :obj:`x` holds node features.
+
+    Returns:
+        LongTensor :obj:`[2, num_edges]`.
+    """
+    return dagc_blocks(x, k, self_loops=self_loops, grid_size=grid_size).to_edge_index()

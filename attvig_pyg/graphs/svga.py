@@ -1,0 +1,75 @@
+"""SVGA, the static criss-cross graph of MobileViG (Munir et al., CVPRW 2023)."""
+import functools
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from attvig_pyg.adjacency import BlockAdjacency
+from attvig_pyg.graphs.grid import IntOrPair, as_pair, axial_parts, batch_parts
+
+
+def svga_blocks(batch_size: int, height: int, width: int, k: IntOrPair, *,
+                self_loops: bool = False,
+                device: Optional[torch.device] = None) -> BlockAdjacency:
+    """The SVGA graph as a :class:`~attvig_pyg.adjacency.BlockAdjacency` (the form that
+    :class:`~attvig_pyg.nn.CrossAttnConv` aggregates with batched matrix products).
+
+    Arguments as in :func:`svga_graph`. Cached like it; the returned tensors are shared.
+    """
+    return _svga_blocks(*_cache_key(batch_size, height, width, k, self_loops, device))
+
+
+def svga_graph(batch_size: int, height: int, width: int, k: IntOrPair, *,
+               self_loops: bool = False, device: Optional[torch.device] = None) -> Tensor:
+    r"""The SVGA edges of :obj:`batch_size` images of :obj:`height` x :obj:`width` nodes.
+
+    Node (h, w) receives from ((h - s) mod H, w) for s = K_h, 2 K_h, ... < H and from
+    (h, (w - s) mod W) for s = K_w, 2 K_w, ... < W: cyclic shifts along its column and its row,
+    never across images. A 1x1 grid, or K >= H and W, gives no edges (only self-loops if asked).
+
+    Args:
+        batch_size (int): Number of images; image b owns nodes b*H*W ... (b+1)*H*W - 1.
+        height (int), width (int): Grid size.
+        k (int or (int, int)): Shift step K, or (K_h, K_w).
+        self_loops (bool, optional): Also join every node to itself, once.
+            (default: :obj:`False`)
+        device (torch.device, optional): Device of the result. (default: CPU)
+
+    Returns:
+        LongTensor :obj:`[2, num_edges]`, image by image. Static: one image's edges are built once
+        per (H, W, K, self_loops, device), a batch adds offsets, and both are cached (the returned
+        tensor is shared: do not modify it in place).
+    """
+    return _svga_edges(*_cache_key(batch_size, height, width, k, self_loops, device))
+
+
+def _cache_key(batch_size, height, width, k, self_loops, device):
+    if batch_size < 0 or height < 1 or width < 1:
+        raise ValueError(f"Expected a batch size >= 0 and a grid of at least 1x1 "
+                         f"(got batch_size={batch_size}, height={height}, width={width})")
+    return batch_size, height, width, as_pair(k, "k"), self_loops, torch.device(device or "cpu")
+
+
+@functools.lru_cache(maxsize=32)
+def _image_parts(height, width, k, self_loops):
+    return axial_parts(height, width, k, self_loops)
+
+
+@functools.lru_cache(maxsize=32)
+def _svga_blocks(batch_size, height, width, k, self_loops, device) -> BlockAdjacency:
+    parts = batch_parts(_image_parts(height, width, k, self_loops), batch_size, height * width,
+                        device)
+    return BlockAdjacency(parts=parts, num_nodes=batch_size * height * width)
+
+
+@functools.lru_cache(maxsize=32)
+def _image_edges(height, width, k, self_loops, device) -> Tensor:
+    return _svga_blocks(1, height, width, k, self_loops, device).to_edge_index()
+
+
+@functools.lru_cache(maxsize=32)
+def _svga_edges(batch_size, height, width, k, self_loops, device) -> Tensor:
+    edges = _image_edges(height, width, k, self_loops, device)
+    offsets = torch.arange(batch_size, device=device).view(-1, 1, 1) * (height * width)
+    return (edges.unsqueeze(1) + offsets.transpose(0, 1)).flatten(1)

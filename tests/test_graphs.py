@@ -1,0 +1,248 @@
+import pytest
+import torch
+
+from attvig_pyg import MaxRelativeConv
+from attvig_pyg.graphs import (BlockAdjacency, build_graph, dagc_blocks, dagc_graph, knn_graph,
+                               svga_blocks, svga_graph)
+from attvig_pyg.graphs.knn import _chunks
+
+GRIDS = [(1, 4, 4, 2), (5, 6, 9, 2), (5, 7, 5, 3), (1, 12, 10, 4)]  # batch, height, width, K
+
+
+def edge_list(edge_index):
+    return sorted(map(tuple, edge_index.t().tolist()))
+
+
+def roll_svga(batch_size, height, width, k, self_loops=False):
+    """SVGA from its definition: node (h, w) receives from x rolled by s along each axis."""
+    kh, kw = (k, k) if isinstance(k, int) else k
+    ids = torch.arange(batch_size * height * width).view(batch_size, height, width)
+    sources = [torch.roll(ids, s, dims=1) for s in range(kh, height, kh)]
+    sources += [torch.roll(ids, s, dims=2) for s in range(kw, width, kw)]
+    if self_loops:
+        sources.append(ids)
+    return edge_list(torch.cat([torch.stack([s.flatten(), ids.flatten()]) for s in sources]
+                               + [torch.empty(2, 0, dtype=torch.long)], dim=1))
+
+
+def greedyvig_relative(x, k, dynamic):
+    """GreedyViG's roll-and-max on [B, C, H, W]: max(0, max over kept shifts of roll(x) - x)."""
+    height, width = x.shape[2:]
+    rolled = torch.roll(x, (height // 2, width // 2), dims=(2, 3))
+    distance = (x - rolled).abs().sum(dim=1, keepdim=True)
+    threshold = distance.mean(dim=(2, 3), keepdim=True) - distance.std(dim=(2, 3), keepdim=True)
+    relative = torch.zeros_like(x)
+    for dim, size in ((2, height), (3, width)):
+        for s in range(0, size, k):
+            shifted = torch.roll(x, s, dims=dim)
+            keep = ((x - shifted).abs().sum(dim=1, keepdim=True) < threshold) if dynamic else 1
+            relative = torch.maximum(relative, (shifted - x) * keep)
+    return relative
+
+
+def as_nodes(x):
+    return x.permute(0, 2, 3, 1).reshape(-1, x.size(1))
+
+
+@pytest.mark.parametrize("batch_size, height, width, k", GRIDS)
+@pytest.mark.parametrize("self_loops", [False, True])
+def test_svga_equals_roll_definition(batch_size, height, width, k, self_loops):
+    edges = svga_graph(batch_size, height, width, k, self_loops=self_loops)
+    assert edge_list(edges) == roll_svga(batch_size, height, width, k, self_loops)
+    assert edges.dtype == torch.long
+
+
+@pytest.mark.parametrize("k", [(2, 3), (3, 1), (9, 2), (20, 20)])
+def test_svga_per_axis_and_large_k(k):
+    assert edge_list(svga_graph(2, 7, 8, k)) == roll_svga(2, 7, 8, k)
+
+
+def test_svga_degenerate_grids():
+    assert svga_graph(3, 1, 1, 1).shape == (2, 0)
+    assert edge_list(svga_graph(3, 1, 1, 1, self_loops=True)) == [(i, i) for i in range(3)]
+    assert svga_graph(2, 4, 4, 4).shape == (2, 0)  # K >= H and W
+    assert edge_list(svga_graph(2, 1, 6, 2)) == roll_svga(2, 1, 6, 2)
+
+
+def test_svga_is_cached_and_batched_by_offsets():
+    first = svga_graph(4, 8, 8, 2)
+    assert svga_graph(4, 8, 8, 2) is first
+    assert svga_blocks(4, 8, 8, 2) is svga_blocks(4, 8, 8, (2, 2))
+    single = svga_graph(1, 8, 8, 2)
+    per_image = first.size(1) // 4
+    for b in range(4):
+        assert torch.equal(first[:, b * per_image:(b + 1) * per_image], single + b * 64)
+
+
+@pytest.mark.parametrize("batch_size, height, width, k", GRIDS)
+def test_max_relative_over_svga_equals_roll_and_max(batch_size, height, width, k):
+    x = torch.randn(batch_size, 6, height, width, dtype=torch.float64)
+    conv = MaxRelativeConv(6, 8).double()
+    edges = svga_graph(batch_size, height, width, k, self_loops=True)
+    # The same weights, de-interleaved for GreedyViG's concatenation [x, relative].
+    weight = conv.lin.weight.squeeze(-1)
+    concat_weight = torch.cat([weight[:, 0::2], weight[:, 1::2]], dim=1)
+    relative = greedyvig_relative(x, k, dynamic=False)
+    expected = as_nodes(torch.cat([x, relative], dim=1)) @ concat_weight.t() + conv.lin.bias
+    assert torch.allclose(conv(as_nodes(x), edges), expected, atol=1e-12)
+
+
+@pytest.mark.parametrize("batch_size, height, width, k", GRIDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_max_relative_over_dagc_equals_greedyvig(batch_size, height, width, k, dtype):
+    x = torch.randn(batch_size, 6, height, width, dtype=dtype)
+    conv = MaxRelativeConv(6, 6).to(dtype)
+    edges = dagc_graph(x, k, self_loops=True)
+    relative = greedyvig_relative(x, k, dynamic=True)
+    interleaved = torch.stack([as_nodes(x), as_nodes(relative)], dim=-1).flatten(1)
+    expected = conv.lin(interleaved.unsqueeze(-1)).squeeze(-1)
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-5
+    assert torch.allclose(conv(as_nodes(x), edges), expected, atol=tolerance)
+
+
+@pytest.mark.parametrize("batch_size, height, width, k", GRIDS)
+def test_dagc_is_a_filtered_svga(batch_size, height, width, k):
+    x = torch.randn(batch_size, 5, height, width)
+    edges = dagc_graph(x, k)
+    assert set(edge_list(edges)) <= set(roll_svga(batch_size, height, width, k))
+    assert 0 < edges.size(1) < len(roll_svga(batch_size, height, width, k))
+    with_loops = dagc_graph(x, k, self_loops=True)
+    nodes = batch_size * height * width
+    assert edge_list(with_loops) == sorted(edge_list(edges) + [(i, i) for i in range(nodes)])
+
+
+def test_dagc_of_a_constant_image_has_no_edges():
+    assert dagc_graph(torch.ones(2, 3, 6, 6), 2).shape == (2, 0)
+
+
+def brute_force_knn(x, k, dilation=1, self_loops=True, relative_pos=None):
+    edges = []
+    batch_size, _, height, width = x.shape
+    nodes = height * width
+    for b in range(batch_size):
+        features = torch.nn.functional.normalize(x[b].flatten(1).t(), dim=-1)
+        distance = torch.cdist(features, features).square()
+        if relative_pos is not None:
+            distance = distance + relative_pos
+        if not self_loops:
+            distance.fill_diagonal_(float("inf"))
+        nearest = distance.topk(k * dilation, largest=False).indices[:, ::dilation]
+        for i in range(nodes):
+            edges += [(b * nodes + int(j), b * nodes + i) for j in nearest[i]]
+    return sorted(edges)
+
+
+@pytest.mark.parametrize("batch_size, height, width", [(1, 5, 5), (5, 4, 7)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("k, dilation", [(3, 1), (4, 2), (2, 3)])
+def test_knn_equals_brute_force(batch_size, height, width, dtype, k, dilation):
+    x = torch.randn(batch_size, 6, height, width, dtype=dtype)
+    edges = knn_graph(x, k, dilation=dilation)
+    assert edge_list(edges) == brute_force_knn(x, k, dilation)
+    assert (edges[1].view(-1, k) == edges[1].view(-1, k)[:, :1]).all()  # grouped by target
+
+
+def test_knn_options_equal_brute_force():
+    x = torch.randn(3, 6, 5, 6, dtype=torch.float64)
+    relative_pos = torch.rand(30, 30, dtype=torch.float64)
+    assert edge_list(knn_graph(x, 4, self_loops=False)) == brute_force_knn(x, 4, self_loops=False)
+    assert edge_list(knn_graph(x, 3, dilation=2, relative_pos=relative_pos)) == \
+        brute_force_knn(x, 3, 2, relative_pos=relative_pos)
+
+
+def test_knn_includes_self_first():
+    x = torch.randn(2, 8, 6, 6)
+    edges = knn_graph(x, 5, dilation=2)
+    assert (edges[0].view(-1, 5)[:, 0] == edges[1].view(-1, 5)[:, 0]).all()
+
+
+def test_knn_chunking_gives_the_same_graph():
+    x = torch.randn(3, 6, 8, 8)
+    whole = knn_graph(x, 4, dilation=2)
+    assert torch.equal(knn_graph(x, 4, dilation=2, memory_budget=2 * 64 * 4 * 5), whole)
+    assert torch.equal(knn_graph(x, 4, dilation=2, memory_budget=1), whole)
+
+
+@pytest.mark.parametrize("batch_size, nodes, budget", [(64, 196, 2**20), (8, 4096, 2**22),
+                                                       (8, 4096, 256 * 2**20), (3, 50, 10)])
+def test_knn_chunks_cover_every_row_once_within_budget(batch_size, nodes, budget):
+    covered = torch.zeros(batch_size, nodes, dtype=torch.int)
+    for images, rows in _chunks(batch_size, nodes, 4, budget):
+        covered[images, rows] += 1
+        block = len(range(batch_size)[images]) * (rows.stop - rows.start) * nodes * 4 * 2
+        assert block <= budget or rows.stop - rows.start == 1
+    assert (covered == 1).all()
+
+
+def test_knn_stochastic_dilation_picks_among_the_nearest():
+    x = torch.randn(2, 6, 6, 6)
+    nearest = knn_graph(x, 12)
+    picked = knn_graph(x, 4, dilation=3, stochastic_epsilon=1.0)
+    assert set(edge_list(picked)) <= set(edge_list(nearest))
+    assert edge_list(knn_graph(x, 4, dilation=3, stochastic_epsilon=0.0)) == \
+        brute_force_knn(x, 4, 3)
+
+
+@pytest.mark.parametrize("policy, params", [("svga", {"k": 2}), ("dagc", {"k": 2}),
+                                            ("knn", {"k": 3})])
+@pytest.mark.parametrize("batch_size, height, width", [(1, 6, 6), (5, 7, 4)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_no_edge_joins_two_images(policy, params, batch_size, height, width, dtype):
+    x = torch.randn(batch_size, 4, height, width, dtype=dtype)
+    edges = build_graph(policy, x, **params)
+    nodes = height * width
+    assert edges.size(1) > 0
+    assert torch.equal(edges[0] // nodes, edges[1] // nodes)
+    assert edges.min() >= 0 and edges.max() < batch_size * nodes
+
+
+def test_build_graph_dispatches_to_the_builders():
+    x = torch.randn(2, 4, 6, 8)
+    assert torch.equal(build_graph("svga", x, k=2), svga_graph(2, 6, 8, 2))
+    assert torch.equal(build_graph("dagc", x, k=2), dagc_graph(x, 2))
+    assert torch.equal(build_graph("knn", x, k=3, dilation=2), knn_graph(x, 3, dilation=2))
+    nodes = x.permute(0, 2, 3, 1).reshape(-1, 4)
+    assert torch.equal(build_graph("knn", nodes, k=3, grid_size=(6, 8)), knn_graph(x, 3))
+    assert torch.equal(build_graph("svga", nodes, k=2, grid_size=(6, 8)), svga_graph(2, 6, 8, 2))
+    assert isinstance(build_graph("svga", x, k=2, blocks=True), BlockAdjacency)
+    assert isinstance(build_graph("dagc", x, k=2, blocks=True), BlockAdjacency)
+
+
+@pytest.mark.parametrize("batch_size, height, width, k", GRIDS)
+def test_block_forms_equal_the_edge_index(batch_size, height, width, k):
+    x = torch.randn(batch_size, 4, height, width)
+    blocks = svga_blocks(batch_size, height, width, k, self_loops=True)
+    assert edge_list(blocks.to_edge_index()) == roll_svga(batch_size, height, width, k, True)
+    assert blocks.num_edges() == blocks.to_edge_index().size(1)
+    assert edge_list(dagc_blocks(x, k).to_edge_index()) == edge_list(dagc_graph(x, k))
+
+
+def test_bad_input():
+    x = torch.randn(2, 4, 6, 6)
+    with pytest.raises(ValueError, match="'k' must be a positive int"):
+        svga_graph(2, 6, 6, 0)
+    with pytest.raises(ValueError, match="'k' must be a positive int"):
+        dagc_graph(x, (2, 0))
+    with pytest.raises(ValueError, match="at least 1x1"):
+        svga_graph(2, 0, 6, 2)
+    with pytest.raises(ValueError, match="exceeds the 36 candidate.*at most 36"):
+        knn_graph(x, 13, dilation=3)
+    with pytest.raises(ValueError, match="at most 35 with self_loops=False"):
+        knn_graph(x, 36, self_loops=False)
+    with pytest.raises(ValueError, match="must be positive"):
+        knn_graph(x, 0)
+    with pytest.raises(ValueError, match="Expected a feature map"):
+        knn_graph(torch.randn(4, 6, 6), 3)
+    with pytest.raises(ValueError, match="Expected a feature map"):
+        dagc_graph(torch.randn(72, 4), 2)
+    with pytest.raises(ValueError, match="node count 70 is not a multiple of the 6x6"):
+        knn_graph(torch.randn(70, 4), 3, grid_size=(6, 6))
+    with pytest.raises(ValueError, match="'relative_pos' of shape \\[36, 36\\]"):
+        knn_graph(x, 3, relative_pos=torch.zeros(35, 35))
+    with pytest.raises(ValueError, match="Unknown graph policy 'grid'"):
+        build_graph("grid", x, k=2)
+    with pytest.raises(ValueError, match="no block form"):
+        build_graph("knn", x, k=2, blocks=True)
+    with pytest.raises(ValueError, match="boolean mask of shape"):
+        BlockAdjacency(parts=((torch.zeros(3, 4, dtype=torch.long), torch.ones(3, 3).bool()),),
+                       num_nodes=12)
