@@ -4,17 +4,21 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -c constraints.txt
 
-.PHONY: demo test
+.PHONY: train test
 
-demo: $(VENV)/.installed
+train: $(VENV)/.installed
 	$(PY) experiments/fashion_mnist_demo.py
 
 test: $(VENV)/.installed
 	$(PY) -m pytest
 
+# torch-scatter and torch-sparse compile against the installed torch (--no-build-isolation).
+# To use every core: ninja for torch-sparse, and for torch-scatter (whose setup turns ninja off)
+# a setuptools config that builds its extensions in parallel. pip caches the built wheels.
 $(VENV)/.installed: pyproject.toml constraints.txt Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PIP) torch torchvision
-	$(PIP) --no-build-isolation torch-scatter torch-sparse
+	$(PIP) torch torchvision ninja
+	printf '[build_ext]\nparallel = %s\n' "$$(nproc)" > $(VENV)/build_ext.cfg
+	DIST_EXTRA_CONFIG=$(VENV)/build_ext.cfg $(PIP) --no-build-isolation torch-scatter torch-sparse
 	$(PIP) -e '.[dev]'
 	touch $@

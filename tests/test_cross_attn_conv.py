@@ -21,38 +21,46 @@ def random_graph(num_src, num_dst, num_edges, dtype=torch.float64, channels=(8, 
     return x_src, x_dst, edge_index
 
 
-def make_conv(*args, **kwargs):
+def make_conv(*args, path="fused", **kwargs):
     conv = CrossAttnConv(*args, **kwargs).double()
     with torch.no_grad():  # a beta away from 1 so that a missing beta would show
         conv.log_beta.fill_(math.log(2.7))
+    if path == "propagate":  # an observer of message() makes the conv use propagate()
+        conv.register_message_forward_hook(lambda module, inputs, output: None)
     return conv
 
 
+PATHS = ["fused", "propagate"]
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("normalize", ["none", "softmax", "mean"])
 @pytest.mark.parametrize("head_args", [{}, {"heads": 4}, {"head_dim": 2}])
-def test_matches_reference_homogeneous(normalize, head_args):
+def test_matches_reference_homogeneous(normalize, head_args, path):
     x, _, edge_index = random_graph(12, 12, 50)
     edge_index[:, :3] = torch.tensor([[5, 5, 5], [0, 0, 0]])  # repeated edges count repeatedly
-    conv = make_conv(8, 8, normalize=normalize, **head_args)
+    conv = make_conv(8, 8, normalize=normalize, path=path, **head_args)
     out = conv(x, edge_index)
     expected = cross_attention(conv, x, x, edge_index)
     assert (out - expected).abs().max() < 1e-9
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("normalize", ["none", "softmax", "mean"])
 @pytest.mark.parametrize("heads", [1, 3])
-def test_matches_reference_bipartite(normalize, heads):
+def test_matches_reference_bipartite(normalize, heads, path):
     x_src, x_dst, edge_index = random_graph(9, 5, 30, channels=(7, 4))
-    conv = make_conv((7, 4), 6, heads=heads, normalize=normalize)
+    conv = make_conv((7, 4), 6, heads=heads, normalize=normalize, path=path)
     out = conv((x_src, x_dst), edge_index)
     assert out.shape == (5, 6)
     expected = cross_attention(conv, x_src, x_dst, edge_index)
     assert (out - expected).abs().max() < 1e-9
 
 
-def test_edge_permutation_invariance():
+@pytest.mark.parametrize("path", PATHS)
+def test_edge_permutation_invariance(path):
     x, _, edge_index = random_graph(20, 20, 120)
-    conv = make_conv(8, 16, heads=4, normalize="softmax")
+    conv = make_conv(8, 16, heads=4, normalize="softmax", path=path)
     perm = torch.randperm(edge_index.size(1))
     out, (_, alpha) = conv(x, edge_index, return_attention_weights=True)
     out_perm, (_, alpha_perm) = conv(x, edge_index[:, perm], return_attention_weights=True)
@@ -60,9 +68,10 @@ def test_edge_permutation_invariance():
     assert torch.allclose(alpha[perm], alpha_perm, atol=1e-12)
 
 
-def test_isolated_nodes_and_empty_graph():
+@pytest.mark.parametrize("path", PATHS)
+def test_isolated_nodes_and_empty_graph(path):
     x, _, _ = random_graph(6, 6, 0)
-    conv = make_conv(8, 8, heads=2, normalize="mean")
+    conv = make_conv(8, 8, heads=2, normalize="mean", path=path)
     edge_index = torch.tensor([[1, 2], [0, 0]])
     out = conv(x, edge_index)
     # Nodes 1..5 receive nothing: their aggregated message is zero.
@@ -73,11 +82,12 @@ def test_isolated_nodes_and_empty_graph():
     assert torch.allclose(empty, lonely_all, atol=1e-12)
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("normalize", ["none", "softmax", "mean"])
-def test_zero_features_are_finite(normalize):
+def test_zero_features_are_finite(normalize, path):
     x = torch.zeros(5, 8, requires_grad=True)
     edge_index = torch.tensor([[0, 1, 2, 3, 4], [1, 2, 3, 4, 0]])
-    conv = CrossAttnConv(8, 8, heads=2, bias=False, normalize=normalize)
+    conv = make_conv(8, 8, heads=2, bias=False, normalize=normalize, path=path).float()
     out = conv(x, edge_index)
     out.sum().backward()
     assert torch.isfinite(out).all()
@@ -95,10 +105,11 @@ def test_zero_features_finite_under_bfloat16_autocast():
     assert torch.isfinite(out.float()).all()
 
 
-def test_gradcheck():
+@pytest.mark.parametrize("path", PATHS)
+def test_gradcheck(path):
     x, _, edge_index = random_graph(6, 6, 14, channels=(4, 4))
     x.requires_grad_(True)
-    conv = make_conv(4, 4, heads=2, normalize="softmax")
+    conv = make_conv(4, 4, heads=2, normalize="softmax", path=path)
     assert torch.autograd.gradcheck(lambda t: conv(t, edge_index), (x,))
     conv.normalize = "none"
     assert torch.autograd.gradcheck(lambda t: conv(t, edge_index), (x,))
@@ -132,10 +143,11 @@ def test_softmax_and_mean_weights_sum_as_documented():
             assert (per_node[degree > 0] >= math.exp(-2 * conv.beta.item()) - 1e-6).all()
 
 
-def test_torch_sparse_csr_matches_edge_index():
+@pytest.mark.parametrize("path", PATHS)
+def test_torch_sparse_csr_matches_edge_index(path):
     x, _, edge_index = random_graph(25, 25, 150, dtype=torch.float32)
     edge_index = coalesce(edge_index)  # a sparse adjacency cannot hold repeated edges
-    conv = CrossAttnConv(8, 16, heads=4)
+    conv = make_conv(8, 16, heads=4, path=path).float()
     expected = conv(x, edge_index)
     adj = to_torch_csr_tensor(edge_index.flip(0), size=(25, 25))
     out, (adj_alpha, alpha) = conv(x, adj, return_attention_weights=True)
@@ -144,10 +156,11 @@ def test_torch_sparse_csr_matches_edge_index():
 
 
 @requires_torch_sparse
-def test_sparse_tensor_matches_edge_index():
+@pytest.mark.parametrize("path", PATHS)
+def test_sparse_tensor_matches_edge_index(path):
     x, _, edge_index = random_graph(25, 25, 150, dtype=torch.float32)
     edge_index = coalesce(edge_index)  # a sparse adjacency cannot hold repeated edges
-    conv = CrossAttnConv(8, 16, heads=4, normalize="softmax")
+    conv = make_conv(8, 16, heads=4, normalize="softmax", path=path).float()
     expected = conv(x, edge_index)
     adj = SparseTensor.from_edge_index(edge_index.flip(0), sparse_sizes=(25, 25))
     out, adj_alpha = conv(x, adj, return_attention_weights=True)
@@ -165,9 +178,10 @@ def test_lazy_in_channels():
     assert bipartite((x_src, x_dst), edge_index).shape == (3, 6)
 
 
-def test_dropout_acts_on_attention_only_in_training():
+@pytest.mark.parametrize("path", PATHS)
+def test_dropout_acts_on_attention_only_in_training(path):
     x, _, edge_index = random_graph(10, 10, 40, dtype=torch.float32)
-    conv = CrossAttnConv(8, 8, dropout=1.0)
+    conv = make_conv(8, 8, dropout=1.0, path=path).float()
     conv.eval()
     assert torch.allclose(conv(x, edge_index), conv(x, edge_index))
     conv.train()
@@ -214,6 +228,30 @@ def test_beta_learns_by_default():
     x, _, edge_index = random_graph(10, 10, 40, dtype=torch.float32)
     conv(x, edge_index).square().sum().backward()
     assert conv.log_beta.grad is not None and conv.log_beta.grad.abs() > 0
+
+
+def test_fused_and_propagate_paths_agree_in_values_and_gradients():
+    x, _, edge_index = random_graph(40, 40, 300)
+    x.requires_grad_(True)
+    fused = make_conv(8, 16, heads=4, normalize="mean")
+    observed = make_conv(8, 16, heads=4, normalize="mean", path="propagate")
+    observed.load_state_dict(fused.state_dict())
+    results = []
+    for conv in (fused, observed):
+        out = conv(x, edge_index)
+        results.append([out, *torch.autograd.grad(out.square().sum(), [x, *conv.parameters()])])
+    for a, b in zip(*results):
+        assert (a - b).abs().max() < 1e-9
+
+
+def test_message_hooks_see_alpha():
+    x, _, edge_index = random_graph(10, 10, 40, dtype=torch.float32)
+    conv = CrossAttnConv(8, 8, heads=2)
+    seen = []
+    conv.register_message_forward_hook(lambda module, inputs, output:
+                                       seen.append(inputs[0]["alpha"].shape))
+    conv(x, edge_index)
+    assert seen == [(40, 2)]
 
 
 def test_repr():

@@ -14,7 +14,7 @@ class TwoLayerGNN(torch.nn.Module):
     def __init__(self, in_channels, hidden, out_channels):
         super().__init__()
         self.conv1 = CrossAttnConv(in_channels, hidden, heads=4)
-        self.conv2 = CrossAttnConv(hidden, out_channels, heads=2)
+        self.conv2 = CrossAttnConv(hidden, out_channels)
 
     def forward(self, x, edge_index):
         return self.conv2(self.conv1(x, edge_index), edge_index)

@@ -9,11 +9,12 @@ from torch.nn import Parameter
 from torch_geometric.nn.conv import MessagePassing
 from torch_geometric.nn.dense.linear import Linear
 from torch_geometric.typing import Adj, OptTensor, PairTensor, SparseTensor
-from torch_geometric.utils import is_torch_sparse_tensor, scatter, softmax
+from torch_geometric.utils import is_torch_sparse_tensor, scatter, softmax, to_edge_index
 from torch_geometric.utils.sparse import set_sparse_value
 
 from attvig_pyg.adjacency import BlockAdjacency
 from attvig_pyg.nn.checks import check_adjacency, check_block_adjacency, check_node_features
+from attvig_pyg.nn.functional import FUSED_DTYPES, EdgeList, gather_dot, weighted_sum
 
 NORMALIZE_MODES = ("none", "softmax", "mean")
 
@@ -58,6 +59,12 @@ class CrossAttnConv(MessagePassing):
     :class:`~attvig_pyg.adjacency.BlockAdjacency` (a graph made of dense blocks, as the SVGA and
     DAGC builders of :mod:`attvig_pyg.graphs` produce): the same computation with the same
     parameters, as batched matrix products per block instead of per-edge gathers and scatters.
+
+    In eager mode, with float32/float64 features and nobody observing the message passing
+    (no explainer, no message/aggregate hooks), edge lists and sparse adjacencies take a fused
+    path (:mod:`attvig_pyg.nn.functional`: per-edge scores, then CSR sparse-dense products) that
+    computes the same result as :meth:`propagate` with far less memory; otherwise
+    :meth:`propagate` runs as usual, with :obj:`alpha` passed to :meth:`message`.
 
     Args:
         in_channels (int or tuple): Size of each input sample, or :obj:`-1` to derive it from the
@@ -210,6 +217,11 @@ class CrossAttnConv(MessagePassing):
 
         if isinstance(edge_index, BlockAdjacency):
             aggregated, block_alphas = self._aggregate_blocks(edge_index, query, key, value)
+        elif self._may_fuse(value):
+            edges = EdgeList(*_source_target(edge_index), *size)
+            alpha = self.edge_weights(gather_dot(query, key, edges), edges.target, None, size[1])
+            dropped = F.dropout(alpha, p=self.dropout, training=self.training)
+            aggregated = weighted_sum(dropped, value, edges)
         else:
             alpha = self.edge_updater(edge_index, query=query, key=key, size=size)
             dropped = F.dropout(alpha, p=self.dropout, training=self.training)
@@ -237,7 +249,13 @@ class CrossAttnConv(MessagePassing):
 
     def edge_update(self, query_i: Tensor, key_j: Tensor, index: Tensor, ptr: OptTensor,
                     dim_size: Optional[int]) -> Tensor:
-        similarity = (query_i * key_j).sum(dim=-1)
+        return self.edge_weights(torch.einsum("ehd,ehd->eh", query_i, key_j), index, ptr,
+                                 dim_size)
+
+    def edge_weights(self, similarity: Tensor, index: Tensor, ptr: OptTensor,
+                     dim_size: Optional[int]) -> Tensor:
+        """Eq. 5 and the optional normalisation over each target's incoming edges: weights
+        ``[E, H]`` from cosine similarities ``[E, H]`` of edges into targets ``index``."""
         if self.normalize == "softmax":  # max-subtracting, so large beta cannot underflow
             return softmax(self.log_beta.exp() * similarity, index, ptr, dim_size)
         alpha = self.affinity(similarity)
@@ -250,14 +268,28 @@ class CrossAttnConv(MessagePassing):
     def message(self, value_j: Tensor, alpha: Tensor) -> Tensor:
         return value_j * alpha.unsqueeze(-1)
 
+    def _may_fuse(self, value: Tensor) -> bool:
+        """Whether the fused edge-list path may stand in for :meth:`propagate`: only where nobody
+        could tell the difference (eager mode, no explainer, no hooks) and the sparse kernels
+        support the dtype."""
+        hooks = (self._propagate_forward_pre_hooks, self._propagate_forward_hooks,
+                 self._message_forward_pre_hooks, self._message_forward_hooks,
+                 self._aggregate_forward_pre_hooks, self._aggregate_forward_hooks,
+                 self._edge_update_forward_pre_hooks, self._edge_update_forward_hooks)
+        return (value.dtype in FUSED_DTYPES and not torch.compiler.is_compiling()
+                and not self.explain and not any(hooks))
+
     def _aggregate_blocks(self, adj: BlockAdjacency, query: Tensor, key: Tensor,
                           value: Tensor) -> Tuple[Tensor, List[Tensor]]:
         """Eq. 4-7 on dense blocks: per block, scores, weights and the weighted sum of values are
         batched matrix products; masked pairs get weight zero. Returns the aggregated messages
         ``[N, H, D]`` and every part's weights ``[blocks, H, S, S]`` before dropout."""
+        def gather(x: Tensor, index: Tensor) -> Tensor:  # [N, H, D] -> [blocks, S, H, D]
+            return x.index_select(0, index.flatten()).view(*index.shape, *x.shape[1:])
+
         alphas = []
         for index, mask in adj.parts:
-            similarity = torch.einsum("bihd,bjhd->bhij", query[index], key[index])
+            similarity = torch.einsum("bihd,bjhd->bhij", gather(query, index), gather(key, index))
             alphas.append(self.affinity(similarity) * mask.unsqueeze(-3))
         if self.normalize != "none":
             # Softmax and mean divide by a sum over all incoming edges, which spans parts.
@@ -267,15 +299,23 @@ class CrossAttnConv(MessagePassing):
                           mask.unsqueeze(-3).expand_as(alpha).to(alpha))
                 total.index_add_(0, index.flatten(), weight.sum(-1).transpose(1, 2).flatten(0, 1))
             total = total.clamp_min(torch.finfo(total.dtype).tiny)  # nodes without edges
-            alphas = [alpha / total[index].transpose(1, 2).unsqueeze(-1)
+            alphas = [alpha / gather(total, index).transpose(1, 2).unsqueeze(-1)
                       for (index, _), alpha in zip(adj.parts, alphas)]
         out = value.new_zeros(adj.num_nodes, *value.shape[1:])
         for (index, _), alpha in zip(adj.parts, alphas):
             dropped = F.dropout(alpha, p=self.dropout, training=self.training)
-            messages = torch.einsum("bhij,bjhd->bihd", dropped, value[index])
+            messages = torch.einsum("bhij,bjhd->bihd", dropped, gather(value, index))
             out.index_add_(0, index.flatten(), messages.flatten(0, 1))
         return out, alphas
 
     def __repr__(self) -> str:
         return (f"{self.__class__.__name__}({self.in_channels}, {self.out_channels}, "
                 f"heads={self.heads}, normalize='{self.normalize}')")
+
+
+def _source_target(edge_index: Adj) -> Tuple[Tensor, Tensor]:
+    """Source and target ids of every edge, in the order PyG's propagate visits them."""
+    if isinstance(edge_index, Tensor) and not is_torch_sparse_tensor(edge_index):
+        return edge_index[0].long(), edge_index[1].long()
+    indices, _ = to_edge_index(edge_index)  # rows of the transposed adjacency are targets
+    return indices[1], indices[0]

@@ -1,0 +1,79 @@
+"""What the benchmark programs share: isolated measurements and the docs/benchmarks.md writer.
+
+Memory is the peak resident set size (VmHWM) of a fresh process, reset with
+``/proc/self/clear_refs`` just before the measured step, minus the resident size at that moment:
+the extra memory the measured step needed, activations and workspace included.
+"""
+import gc
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCHMARKS_MD = ROOT / "docs" / "benchmarks.md"
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not found in /proc/self/status")
+
+
+def measure(step: Callable[[], None], repeats: int) -> Dict[str, float]:
+    """Runs ``step`` once to warm up, once for memory, ``repeats`` times for time (best)."""
+    step()
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS to the current RSS
+    before = _status_kib("VmRSS")
+    step()
+    peak = _status_kib("VmHWM")
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return {"time_s": min(times), "peak_mib": (peak - before) / 1024}
+
+
+def run_isolated(script: Path, args: List[str]) -> Dict[str, float]:
+    """Runs ``script --worker ARGS`` in a fresh interpreter and returns the JSON it prints last."""
+    result = subprocess.run([sys.executable, str(script), "--worker", *args],
+                            capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"worker {args} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def worker_output(values: Dict[str, float]) -> None:
+    print(json.dumps(values), flush=True)
+
+
+def environment() -> str:
+    return (f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+            f"{time.strftime('%Y-%m-%d')}")
+
+
+def update_section(title: str, body: str, path: Path = BENCHMARKS_MD) -> None:
+    """Replaces (or appends) the ``## title`` section of the benchmarks page."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    section = f"## {title}\n\n{body.strip()}\n"
+    pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: section + "\n", text).rstrip() + "\n"
+    else:
+        text = text.rstrip() + "\n\n" + section
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def markdown_table(header: List[str], rows: List[List[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
