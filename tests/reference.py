@@ -50,7 +50,7 @@ def cross_attention(conv, x_src, x_dst, edge_index):
 
 def max_relative(conv, x_src, x_dst, edge_index):
     """Eq. 1 with Vision GNN's grouped 1x1 map over channel-interleaved [x_i, r_i]."""
-    weight = conv.lin.weight.squeeze(-1)            # [out, 2C / groups]
+    weight = conv.lin.weight                        # [out, 2C / groups]
     bias = conv.lin.bias
     groups = conv.groups
     out_per_group = conv.out_channels // groups

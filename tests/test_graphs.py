@@ -80,7 +80,7 @@ def test_max_relative_over_svga_equals_roll_and_max(batch_size, height, width, k
     conv = MaxRelativeConv(6, 8).double()
     edges = svga_graph(batch_size, height, width, k, self_loops=True)
     # The same weights, de-interleaved for GreedyViG's concatenation [x, relative].
-    weight = conv.lin.weight.squeeze(-1)
+    weight = conv.lin.weight
     concat_weight = torch.cat([weight[:, 0::2], weight[:, 1::2]], dim=1)
     relative = greedyvig_relative(x, k, dynamic=False)
     expected = as_nodes(torch.cat([x, relative], dim=1)) @ concat_weight.t() + conv.lin.bias
@@ -95,7 +95,7 @@ def test_max_relative_over_dagc_equals_greedyvig(batch_size, height, width, k, d
     edges = dagc_graph(x, k, self_loops=True)
     relative = greedyvig_relative(x, k, dynamic=True)
     interleaved = torch.stack([as_nodes(x), as_nodes(relative)], dim=-1).flatten(1)
-    expected = conv.lin(interleaved.unsqueeze(-1)).squeeze(-1)
+    expected = conv.lin(interleaved)
     tolerance = 1e-12 if dtype == torch.float64 else 1e-5
     assert torch.allclose(conv(as_nodes(x), edges), expected, atol=tolerance)
 

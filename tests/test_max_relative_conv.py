@@ -62,7 +62,7 @@ def test_lazy_in_channels_and_gradients():
     out = conv(x, torch.randint(0, 10, (2, 30)))
     out.sum().backward()
     assert out.shape == (10, 12) and torch.isfinite(x.grad).all()
-    assert conv.lin.weight.shape == (12, 3, 1)
+    assert conv.lin.weight.shape == (12, 3)
 
 
 def test_no_graph_break_under_dynamo():

@@ -8,6 +8,7 @@ from torch_geometric.nn.resolver import activation_resolver, normalization_resol
 from torch_geometric.typing import Adj, PairTensor
 
 from attvig_pyg.nn.checks import check_adjacency, check_node_features
+from attvig_pyg.nn.grouped_linear import GroupedLinear
 
 
 class MaxRelativeConv(MessagePassing):
@@ -75,19 +76,14 @@ class MaxRelativeConv(MessagePassing):
             channels = in_channels[0]
         else:
             channels = in_channels
-        if groups < 1 or out_channels % groups != 0 or (channels > 0 and (2 * channels) % groups):
-            raise ValueError(f"'groups' ({groups}) must divide both 2 * in_channels "
-                             f"({2 * channels}) and out_channels ({out_channels})")
 
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.groups = groups
         self.channels = channels
 
-        if channels > 0:
-            self.lin = nn.Conv1d(2 * channels, out_channels, 1, groups=groups, bias=bias)
-        else:
-            self.lin = nn.LazyConv1d(out_channels, 1, groups=groups, bias=bias)
+        self.lin = GroupedLinear(2 * channels if channels > 0 else -1, out_channels, groups,
+                                 bias)
         self.norm = normalization_resolver(norm, out_channels) if norm is not None else None
         self.act = activation_resolver(act) if act is not None else None
 
@@ -95,8 +91,7 @@ class MaxRelativeConv(MessagePassing):
 
     def reset_parameters(self):
         super().reset_parameters()
-        if not isinstance(self.lin, nn.LazyConv1d):
-            self.lin.reset_parameters()
+        self.lin.reset_parameters()
         if self.norm is not None:
             self.norm.reset_parameters()
 
@@ -120,7 +115,7 @@ class MaxRelativeConv(MessagePassing):
         relative = self.propagate(edge_index, x=(x_src, x_dst),
                                   size=(x_src.size(0), x_dst.size(0)))
         interleaved = torch.stack([x_dst, relative], dim=-1).flatten(1)
-        out = self.lin(interleaved.unsqueeze(-1)).squeeze(-1)
+        out = self.lin(interleaved)
         if self.norm is not None:
             out = self.norm(out)
         if self.act is not None:

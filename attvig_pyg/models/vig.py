@@ -1,0 +1,268 @@
+"""The isotropic Vision GNN of "Vision GNN: An Image is Worth Graph of Nodes" (Han et al.,
+NeurIPS 2022), as the harness of the AttentionViG paper's aggregation ablation (its Table 3):
+the same network with the graph convolution chosen by name among PyG's GINConv, SAGEConv and
+EdgeConv, this project's MaxRelativeConv and CrossAttnConv.
+
+How each PyG conv is configured to match the original ViG variant, and what still differs, is
+written down in docs/ablation.md.
+"""
+import math
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from timm.layers import DropPath
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from torch_geometric.nn import EdgeConv, GINConv, SAGEConv
+
+from attvig_pyg.graphs import GRAPH_POLICIES, build_graph
+from attvig_pyg.nn import CrossAttnConv, GroupedLinear, MaxRelativeConv
+
+__all__ = ["ViG", "vig_ti", "vig_s", "vig_b", "AGGREGATORS"]
+
+AGGREGATORS = ("gin", "sage", "edge", "max_relative", "cross_attn")
+GROUPS = 4  # Vision GNN's graph convs use grouped 1x1 maps
+
+
+def _grouped_bn_gelu(in_channels: int, out_channels: int) -> nn.Sequential:
+    """Vision GNN's ``BasicConv``: grouped 1x1 map, BatchNorm, GELU, on node features."""
+    return nn.Sequential(GroupedLinear(in_channels, out_channels, GROUPS),
+                         nn.BatchNorm1d(out_channels), nn.GELU())
+
+
+class GraphConv(nn.Module):
+    """One of the harness's aggregators, called as ``conv(x, edge_index)`` on node features
+    ``[N, C]``. Every one maps C to 2C channels like Vision GNN's, except ``cross_attn``, which
+    keeps AttentionViG's C -> C shape (Q, K, V: C -> C, W: 2C -> C)."""
+
+    def __init__(self, aggregator: str, channels: int, heads: int = 8):
+        super().__init__()
+        if aggregator not in AGGREGATORS:
+            raise ValueError(f"Unknown aggregator '{aggregator}' (expected one of "
+                             f"{', '.join(AGGREGATORS)})")
+        self.aggregator = aggregator
+        self.out_channels = channels if aggregator == "cross_attn" else 2 * channels
+        self.post = nn.Identity()
+        if aggregator == "gin":  # nn((1 + eps) x_i + sum_j x_j), eps learned from 0
+            self.conv = GINConv(_grouped_bn_gelu(channels, 2 * channels), eps=0.0,
+                                train_eps=True)
+        elif aggregator == "sage":  # W [max_j relu(P x_j), x_i], then BN + GELU
+            self.conv = SAGEConv(channels, 2 * channels, aggr="max", project=True)
+            self.post = nn.Sequential(nn.BatchNorm1d(2 * channels), nn.GELU())
+        elif aggregator == "edge":  # max_j nn([x_i, x_j - x_i])
+            self.conv = EdgeConv(_grouped_bn_gelu(2 * channels, 2 * channels), aggr="max")
+        elif aggregator == "max_relative":
+            self.conv = MaxRelativeConv(channels, 2 * channels, groups=GROUPS,
+                                        norm="batch_norm", act="gelu")
+        else:
+            self.conv = CrossAttnConv(channels, channels, heads=heads)
+
+    def forward(self, x: Tensor, edge_index: Tensor) -> Tensor:
+        return self.post(self.conv(x, edge_index))
+
+
+class Grapher(nn.Module):
+    """fc1 (1x1 + BN), graph conv over the block's graph, fc2 (1x1 + BN back to C), residual."""
+
+    def __init__(self, channels: int, aggregator: str, graph: str, k: int, dilation: int,
+                 heads: int, drop_path: float):
+        super().__init__()
+        self.graph, self.k, self.dilation = graph, k, dilation
+        self.fc1 = nn.Sequential(nn.Conv2d(channels, channels, 1), nn.BatchNorm2d(channels))
+        self.conv = GraphConv(aggregator, channels, heads)
+        self.fc2 = nn.Sequential(nn.Conv2d(self.conv.out_channels, channels, 1),
+                                 nn.BatchNorm2d(channels))
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def build(self, x: Tensor) -> Tensor:
+        if self.graph == "knn":
+            return build_graph("knn", x, k=self.k, dilation=self.dilation)
+        height, width = x.shape[-2:]
+        # Vision GNN's kNN counts a node among its neighbours; the axial graphs do the same here.
+        return build_graph(self.graph, x, k=(max(1, height // 7), max(1, width // 7)),
+                           self_loops=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        shortcut = x
+        x = self.fc1(x)
+        batch_size, channels, height, width = x.shape
+        nodes = x.permute(0, 2, 3, 1).reshape(-1, channels)
+        out = self.conv(nodes, self.build(x.detach()))
+        out = out.view(batch_size, height, width, -1).permute(0, 3, 1, 2)
+        return self.drop_path(self.fc2(out)) + shortcut
+
+
+class FFN(nn.Module):
+    def __init__(self, channels: int, drop_path: float):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Conv2d(channels, 4 * channels, 1),
+                                 nn.BatchNorm2d(4 * channels), nn.GELU(),
+                                 nn.Conv2d(4 * channels, channels, 1), nn.BatchNorm2d(channels))
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.drop_path(self.mlp(x)) + x
+
+
+class ViG(nn.Module):
+    """Isotropic Vision GNN: conv stem, position embedding, ``depth`` blocks of Grapher + FFN
+    over a dynamic kNN graph (k rising linearly from ``k`` to ``2k``, dilation 1, 2, 3, ... every
+    four blocks), pooled head.
+
+    Args:
+        aggregator: ``"gin"``, ``"sage"``, ``"edge"``, ``"max_relative"`` (Vision GNN's own) or
+            ``"cross_attn"``.
+        graph: ``"knn"`` (Vision GNN's), ``"svga"`` or ``"dagc"`` (K = max(1, size // 7)).
+        channels, depth: Width and number of blocks (ViG-Ti: 192, 12).
+        img_size: Input size the position embedding is made for (it is interpolated for others).
+        patch_size: Stride of the stem, a power of two (16 in Vision GNN; 4 suits 32x32 inputs).
+        k: Neighbours in the first block.
+        heads: Cross-attention heads.
+        head_hidden_size: Width of the 1x1 conv + BN + GELU before the classifier.
+    """
+
+    def __init__(self, aggregator: str = "max_relative", graph: str = "knn",
+                 channels: int = 192, depth: int = 12, num_classes: int = 1000,
+                 in_chans: int = 3, img_size: int = 224, patch_size: int = 16, k: int = 9,
+                 heads: int = 8, head_hidden_size: int = 1024, drop_rate: float = 0.0,
+                 drop_path_rate: float = 0.0, global_pool: str = "avg"):
+        super().__init__()
+        # Drawn before any layer exists, so that it does not depend on the aggregator's layers.
+        shared_seed = int(torch.randint(2**62, ()))
+        if graph not in GRAPH_POLICIES:
+            raise ValueError(f"Unknown graph policy '{graph}' (expected one of "
+                             f"{', '.join(GRAPH_POLICIES)})")
+        if patch_size < 2 or patch_size & (patch_size - 1):
+            raise ValueError(f"'patch_size' must be a power of two >= 2 (got {patch_size})")
+        self.aggregator, self.graph = aggregator, graph
+        self.num_classes, self.in_chans, self.patch_size = num_classes, in_chans, patch_size
+        self.num_features, self.head_hidden_size = channels, head_hidden_size
+        self.global_pool = global_pool
+        grid = math.ceil(img_size / patch_size)
+        self.nodes = grid * grid
+
+        convs, width = [], in_chans  # log2(patch) stride-2 convs up to C, then a stride-1 conv
+        for i in reversed(range(int(math.log2(patch_size)))):
+            convs += [nn.Conv2d(width, channels // 2 ** i, 3, 2, 1),
+                      nn.BatchNorm2d(channels // 2 ** i), nn.GELU()]
+            width = channels // 2 ** i
+        self.stem = nn.Sequential(*convs, nn.Conv2d(channels, channels, 3, 1, 1),
+                                  nn.BatchNorm2d(channels))
+        self.pos_embed = nn.Parameter(torch.zeros(1, channels, grid, grid))
+
+        ks = [int(v) for v in torch.linspace(k, 2 * k, depth)]
+        max_dilation = max(1, self.nodes // max(ks))
+        rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        self.blocks = nn.Sequential(*[nn.Sequential(
+            Grapher(channels, aggregator, graph, ks[i], min(i // 4 + 1, max_dilation), heads,
+                    rates[i]),
+            FFN(channels, rates[i])) for i in range(depth)])
+        self.pre_logits = nn.Sequential(nn.Conv2d(channels, head_hidden_size, 1),
+                                        nn.BatchNorm2d(head_hidden_size), nn.GELU())
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(head_hidden_size, num_classes) if num_classes else nn.Identity()
+        self.feature_info = [dict(num_chs=channels, reduction=patch_size, module="blocks")]
+        self._init_weights(shared_seed)
+
+    def _init_weights(self, shared_seed: int) -> None:
+        """Kaiming-normal weights and zero biases for every conv and linear layer (as Vision
+        GNN). The parts every aggregator shares are drawn from their own generator, seeded from
+        the global one before any layer was made, so that with the same seed they start from the
+        same weights whatever the aggregator: only the graph conv (and fc2, sized by it)
+        differs."""
+        shared = torch.Generator().manual_seed(shared_seed)
+        graph_specific = [m for block in self.blocks
+                          for m in (block[0].conv, block[0].fc2)]
+        own = {id(p) for m in graph_specific for p in m.parameters()}
+        for module in self.modules():
+            if isinstance(module, (nn.Conv2d, nn.Linear)) and id(module.weight) not in own:
+                nn.init.kaiming_normal_(module.weight, generator=shared)
+                nn.init.zeros_(module.bias)
+        for module in graph_specific:
+            for layer in module.modules():
+                if isinstance(layer, (nn.Conv2d, nn.Conv1d)):
+                    nn.init.kaiming_normal_(layer.weight)
+                    if layer.bias is not None:
+                        nn.init.zeros_(layer.bias)
+
+    def graph_summary(self, img_size: int = 224) -> List[Dict]:
+        """Per block: grid, graph policy and its neighbours per node."""
+        grid = math.ceil(img_size / self.patch_size)
+        summary = []
+        for block in self.blocks:
+            grapher = block[0]
+            entry = dict(grid=(grid, grid), graph=grapher.graph)
+            if grapher.graph == "knn":
+                entry.update(k=grapher.k, dilation=grapher.dilation, neighbours=grapher.k)
+            else:
+                step = max(1, grid // 7)
+                candidates = 2 * len(range(step, grid, step)) + 1  # with the node itself
+                entry.update(k=(step, step), neighbours=candidates if grapher.graph == "svga"
+                             else f"<= {candidates} (filtered per image)")
+            summary.append(entry)
+        return summary
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        if global_pool is not None:
+            self.global_pool = global_pool
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.head_hidden_size, num_classes) if num_classes else nn.Identity()
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        if x.dim() != 4 or x.size(1) != self.in_chans:
+            raise ValueError(f"Expected images of shape [batch, {self.in_chans}, height, width] "
+                             f"(got {tuple(x.shape)})")
+        x = self.stem(x)
+        pos_embed = self.pos_embed
+        if pos_embed.shape[-2:] != x.shape[-2:]:
+            pos_embed = F.interpolate(pos_embed, size=x.shape[-2:], mode="bicubic",
+                                      align_corners=False)
+        return self.blocks(x + pos_embed)
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        if self.global_pool == "avg":
+            x = x.mean(dim=(2, 3), keepdim=True)
+        x = self.head_drop(self.pre_logits(x).flatten(1))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _cfg(**kwargs) -> Dict:
+    return dict(num_classes=1000, input_size=(3, 224, 224), pool_size=None, crop_pct=0.9,
+                interpolation="bicubic", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+                first_conv="stem.0", classifier="head", license="mit", **kwargs)
+
+
+default_cfgs = generate_default_cfgs({"vig_ti": _cfg(), "vig_s": _cfg(), "vig_b": _cfg()})
+
+
+def _create(variant: str, pretrained: bool, defaults: Dict, **kwargs) -> ViG:
+    return build_model_with_cfg(ViG, variant, pretrained, feature_cfg=dict(flatten_sequential=True),
+                                **dict(defaults, **kwargs))
+
+
+@register_model
+def vig_ti(pretrained: bool = False, **kwargs) -> ViG:
+    """ViG-Ti: 192 channels, 12 blocks (Max-Relative: 7.2 M parameters, 1.3 G MACs)."""
+    return _create("vig_ti", pretrained, dict(channels=192, depth=12), **kwargs)
+
+
+@register_model
+def vig_s(pretrained: bool = False, **kwargs) -> ViG:
+    """ViG-S: 320 channels, 16 blocks."""
+    return _create("vig_s", pretrained, dict(channels=320, depth=16), **kwargs)
+
+
+@register_model
+def vig_b(pretrained: bool = False, **kwargs) -> ViG:
+    """ViG-B: 640 channels, 16 blocks."""
+    return _create("vig_b", pretrained, dict(channels=640, depth=16), **kwargs)
+
