@@ -6,6 +6,7 @@ from typing import Tuple
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 
 EMBEDDED_DIR = Path(__file__).resolve().parent / "fashion_mnist"
@@ -68,3 +69,29 @@ def load_fashion_mnist(split: str, full: bool = False) -> Tuple[Tensor, Tensor]:
         raise ValueError(f"{paths[0]} has {images.shape[0]} images but {paths[1]} has "
                          f"{labels.shape[0]} labels")
     return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
+
+
+class FashionMNIST(torch.utils.data.Dataset):
+    """Fashion-MNIST as RGB PIL images (the grey channel repeated), for image transforms.
+
+    Args:
+        split: ``"train"`` or ``"test"``.
+        full: The official 60,000 training images instead of the embedded 10,000 (see
+            :func:`load_fashion_mnist`).
+        transform: Applied to each PIL image.
+    """
+
+    classes = CLASSES
+
+    def __init__(self, split: str, full: bool = False, transform=None):
+        self.images, self.targets = load_fashion_mnist(split, full=full)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int):
+        image = Image.fromarray(self.images[index].numpy()).convert("RGB")  # uint8 2-D: grey
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, int(self.targets[index])
