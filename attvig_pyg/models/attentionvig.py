@@ -11,6 +11,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, trunc_normal_
@@ -128,7 +129,13 @@ class GraphMixer(nn.Module):
         x = self.fc1(x)
         batch_size, channels, height, width = x.shape
         nodes = x.permute(0, 2, 3, 1).reshape(-1, channels)
-        out = self.conv(nodes, self.build(x.detach()))
+        graph = self.build(x.detach())
+        if self.training and torch.is_grad_enabled():
+            # The aggregation's intermediates (gathered blocks, scores, weights) are large and
+            # cheap to recompute: keep only its inputs and recompute it in backward.
+            out = checkpoint(self.conv, nodes, graph, use_reentrant=False)
+        else:
+            out = self.conv(nodes, graph)
         return self.fc2(out.view(batch_size, height, width, channels).permute(0, 3, 1, 2))
 
 
