@@ -7,7 +7,7 @@ PIP := $(PY) -m pip install -c constraints.txt
 .PHONY: train test
 
 train: $(VENV)/.installed
-	$(PY) experiments/fashion_mnist_demo.py
+	$(PY) experiments/imagenet.py --preset cpu-demo
 
 test: $(VENV)/.installed
 	$(PY) -m pytest
