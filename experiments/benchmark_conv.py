@@ -14,9 +14,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmarking import (environment, markdown_table, measure, run_isolated,  # noqa: E402
-                          update_section, worker_output)
+from benchmarking import (environment, markdown_table, measure, run_isolated, update_section,
+                          worker_output)
 
 CASES = {
     "a": dict(label="(a) SVGA 8x56x56, K=8, C=48", grid=(8, 56, 56, 8), channels=48),

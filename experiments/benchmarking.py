@@ -1,9 +1,13 @@
-"""What the benchmark programs share: isolated measurements and the docs/benchmarks.md writer.
+"""What the benchmark programs (and the ablation script) share: isolated measurements, the
+multiply-add count of record and the docs/benchmarks.md writer.
 
-Memory is the peak resident set size (VmHWM) of a fresh process, reset with
-``/proc/self/clear_refs`` just before the measured step, minus the resident size at that moment:
-the extra memory the measured step needed, activations and workspace included.
+Memory is the peak resident set size (VmHWM) of a fresh process during one step, minus the
+resident size just before it: the extra memory the step needed, activations and workspace
+included. Before that step, a warm-up step has run (one-time allocations: optimizer state,
+kernel caches) and the memory it freed has been handed back to the system (``malloc_trim``), so
+that the measured step cannot hide in memory the allocator kept.
 """
+import ctypes
 import gc
 import json
 import re
@@ -14,6 +18,7 @@ from pathlib import Path
 from typing import Callable, Dict, List
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS_MD = ROOT / "docs" / "benchmarks.md"
@@ -30,6 +35,7 @@ def measure(step: Callable[[], None], repeats: int) -> Dict[str, float]:
     """Runs ``step`` once to warm up, once for memory, ``repeats`` times for time (best)."""
     step()
     gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS to the current RSS
     before = _status_kib("VmRSS")
     step()
@@ -40,6 +46,13 @@ def measure(step: Callable[[], None], repeats: int) -> Dict[str, float]:
         step()
         times.append(time.perf_counter() - start)
     return {"time_s": min(times), "peak_mib": (peak - before) / 1024}
+
+
+def multiply_adds(model: torch.nn.Module, size: int) -> float:
+    """Multiply-adds of one image (batch 1, eval mode): torch's FlopCounterMode total / 2."""
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model.eval()(torch.randn(1, 3, size, size))
+    return counter.get_total_flops() / 2
 
 
 def run_isolated(script: Path, args: List[str]) -> Dict[str, float]:

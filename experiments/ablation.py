@@ -1,0 +1,248 @@
+"""Reproduces the paper's ablations: aggregation functions in the vanilla ViG (Table 3), the
+attention nonlinearity / neighbour normalisation (Tables 4 and 7) and cross-attention heads
+(Table 6) in AttentionViG-S.
+
+    python experiments/ablation.py --table flops                   # params and MACs, no training
+    python experiments/ablation.py --table aggregation --profile cpu   # embedded Fashion-MNIST
+    python experiments/ablation.py --table aggregation --data-dir /data/imagenet --seeds 0 1 2
+    python experiments/ablation.py --table heads --profile cpu --runs no_heads 8_heads
+
+Every run trains with the same recipe and seed set; only the row's setting differs. Run
+``<row>`` with seed ``s`` lives in ``OUTPUT/<table>/<row>/seed<s>/`` (an ordinary training run of
+experiments/engine.py). A finished run (results.json) is skipped and an interrupted one resumed
+from its last.pth, so an interrupted reproduction is continued by repeating its command. The
+table (markdown and CSV) and a bar plot are written to ``OUTPUT/<table>.md|csv|png``.
+
+Options not listed by --help go to the training engine (see experiments/imagenet.py --help).
+"""
+import argparse
+import csv
+import json
+import logging
+import statistics
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import matplotlib
+import engine
+from benchmarking import markdown_table, multiply_adds
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+log = logging.getLogger("ablation")
+
+# Rows of each table: constructor arguments, and the paper's ImageNet-1K top-1 (and FLOPs).
+TABLES = {
+    "aggregation": dict(model="vig_ti", rows={
+        "gin": dict(aggregator="gin"),
+        "sage": dict(aggregator="sage"),
+        "edge": dict(aggregator="edge"),
+        "max_relative": dict(aggregator="max_relative"),
+        "cross_attn": dict(aggregator="cross_attn"),
+    }, paper_top1={"gin": 72.8, "sage": 74.0, "edge": 74.3, "max_relative": 73.9,
+                   "cross_attn": 74.3}),
+    "nonlinearity": dict(model="attentionvig_s", rows={
+        "softmax": dict(normalize="softmax"),
+        "exp_mean": dict(normalize="mean"),
+        "exp": dict(normalize="none"),
+    }, paper_top1={"softmax": 80.8, "exp_mean": 80.7, "exp": 81.3}),
+    "heads": dict(model="attentionvig_s", rows={
+        "no_heads": dict(heads=1),
+        "head_dim_6": dict(head_dim=6, heads=None),
+        "head_dim_8": dict(head_dim=8, heads=None),
+        "8_heads": dict(heads=8),
+    }, paper_top1={"no_heads": 81.0, "head_dim_6": 81.1, "head_dim_8": 81.1, "8_heads": 81.3}),
+}
+
+# Paper Table 3 FLOPs (G), and the original ViG code's counts with its grouped 1x1 convs
+# (DESIGN.md section 5); cross-attention has only the paper's figure.
+PAPER_MACS = {"gin": 1.3, "sage": 1.6, "edge": 2.4, "max_relative": 1.3, "cross_attn": 1.6}
+ORIGINAL_MACS = {"gin": 1.27, "sage": 1.61, "edge": 2.38, "max_relative": 1.31, "cross_attn": 1.6}
+
+# The CPU profile: the engine's cpu-demo preset (embedded Fashion-MNIST at 32 px, 2 cores), and
+# for the ViG a 64-wide ViG-Ti with its 12 blocks and its k / dilation schedule from k = 4: patch 4
+# gives 8x8 = 64 nodes, and k * dilation <= 8 * 3 = 24 <= 32, half of them, in every block.
+PROFILES = {
+    "cpu": dict(
+        engine=["--preset", "cpu-demo"],
+        models={"vig_ti": (["--epochs", "3"],
+                           dict(channels=64, head_hidden_size=256, img_size=32, patch_size=4,
+                                k=4)),
+                "attentionvig_s": ([], {})}),
+}
+# Set per run by this script; as engine options they would make the runs differ or collide.
+PER_RUN_OPTIONS = ("--model", "--seed", "--output", "--resume", "--aggregator", "--preset")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Other options go to the training engine: experiments/imagenet.py --help.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False)  # --seed belongs to the engine, not --seeds
+    parser.add_argument("--table", required=True, choices=["flops", *TABLES])
+    parser.add_argument("--runs", nargs="+", default=None,
+                        help="rows to train (default: all rows of the table)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--profile", choices=sorted(PROFILES), default=None,
+                        help="cpu: the settings for this 2-core CPU and the embedded data "
+                             "(aggregation: 64-wide ViG-Ti at 32 px, 64 nodes, k = 4 to 8, 3 epochs; "
+                             "nonlinearity and heads: the cpu-demo preset)")
+    parser.add_argument("--model-kwargs", type=json.loads, default={},
+                        help="more constructor arguments for every row, as JSON")
+    parser.add_argument("--output", type=Path, default=Path("runs/ablation"))
+    return parser
+
+
+def parse_args(argv: Optional[List[str]] = None):
+    args, engine_argv = build_parser().parse_known_args(argv)
+    for option in engine_argv:
+        if option.split("=")[0] in PER_RUN_OPTIONS:
+            raise SystemExit(f"{option.split('=')[0]} is set per run by ablation.py; "
+                             f"use --runs, --seeds, --output or --profile instead")
+    if args.table != "flops":
+        rows = TABLES[args.table]["rows"]
+        unknown = sorted(set(args.runs or []) - set(rows))
+        if unknown:
+            raise SystemExit(f"unknown run(s) {', '.join(unknown)} for --table {args.table} "
+                             f"(expected some of: {', '.join(rows)})")
+        engine.parse_args(engine_argv)  # fails now, not after hours, on a bad engine option
+    return args, engine_argv
+
+
+# ---- the flops table ------------------------------------------------------------------------
+
+def flops_rows() -> List[Dict]:
+    """Parameters and multiply-adds of ViG-Ti (224 px, batch 1, eval) per aggregator."""
+    import timm
+    rows = []
+    for aggregator in TABLES["aggregation"]["rows"]:
+        model = timm.create_model("vig_ti", aggregator=aggregator)
+        rows.append(dict(aggregator=aggregator,
+                         params_m=sum(p.numel() for p in model.parameters()) / 1e6,
+                         macs_g=multiply_adds(model, 224) / 1e9))
+    return rows
+
+
+def flops_table(output: Path) -> str:
+    header = ["aggregator", "params (M)", "MACs (G)", "original ViG code (G)", "difference",
+              "paper Table 3 FLOPs (G)"]
+    lines = [[row["aggregator"], f"{row['params_m']:.2f}", f"{row['macs_g']:.3f}",
+              f"{ORIGINAL_MACS[row['aggregator']]:.2f}",
+              f"{row['macs_g'] / ORIGINAL_MACS[row['aggregator']] - 1:+.1%}",
+              f"{PAPER_MACS[row['aggregator']]:.1f}"] for row in flops_rows()]
+    text = (f"ViG-Ti at 224x224, batch 1, eval mode; MACs = torch FlopCounterMode total / 2.\n\n"
+            f"{markdown_table(header, lines)}\n")
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "flops.md").write_text(text)
+    return text
+
+
+# ---- the trained tables ---------------------------------------------------------------------
+
+def run_argv(args, engine_argv: List[str], row: str, seed: int) -> List[str]:
+    """The engine command line of one run."""
+    table = TABLES[args.table]
+    model = table["model"]
+    profile_argv, profile_kwargs = [], {}
+    if args.profile:
+        profile = PROFILES[args.profile]
+        profile_argv = profile["engine"] + profile["models"][model][0]
+        profile_kwargs = profile["models"][model][1]
+    kwargs = {**profile_kwargs, **args.model_kwargs, **table["rows"][row]}
+    folder = run_folder(args, row, seed)
+    argv = [*profile_argv, "--model", model, "--model-kwargs", json.dumps(kwargs),
+            "--seed", str(seed), *engine_argv]
+    if (folder / "last.pth").exists():
+        return argv + ["--resume", str(folder / "last.pth")]
+    return argv + ["--output", str(folder)]
+
+
+def run_folder(args, row: str, seed: int) -> Path:
+    return args.output / args.table / row / f"seed{seed}"
+
+
+def train_runs(args, engine_argv: List[str]) -> None:
+    rows = args.runs or list(TABLES[args.table]["rows"])
+    plan = [(row, seed) for row in rows for seed in args.seeds]
+    for index, (row, seed) in enumerate(plan, 1):
+        folder = run_folder(args, row, seed)
+        if (folder / "results.json").exists():
+            log.info("run %d/%d: %s seed %d already finished (%s)", index, len(plan), row, seed,
+                     folder)
+            continue
+        argv = run_argv(args, engine_argv, row, seed)
+        log.info("run %d/%d: %s seed %d%s", index, len(plan), row, seed,
+                 " (resumed)" if "--resume" in argv else "")
+        engine.train(engine.parse_args(argv))
+
+
+def collect(args, engine_argv: List[str]) -> List[Dict]:
+    """One entry per row that has finished runs: top-1 per seed, its size and training time."""
+    table, entries = TABLES[args.table], []
+    for row in table["rows"]:
+        results = [json.loads(path.read_text()) for path in
+                   sorted((args.output / args.table / row).glob("seed*/results.json"))]
+        if not results:
+            continue
+        run_args = engine.parse_args(run_argv(args, engine_argv, row, args.seeds[0]))
+        model = engine.build_model(run_args, engine.count_classes(run_args))
+        top1 = [r["final"]["eval_top1"] for r in results]
+        entries.append(dict(
+            row=row, runs=len(top1), top1=top1, mean=statistics.mean(top1),
+            std=statistics.stdev(top1) if len(top1) > 1 else float("nan"),
+            params_m=sum(p.numel() for p in model.parameters()) / 1e6,
+            macs_g=multiply_adds(model, run_args.img_size) / 1e9, img_size=run_args.img_size,
+            epochs=results[0]["epochs"],
+            minutes=sum(r["train_seconds"] for r in results) / 60,
+            paper_top1=table["paper_top1"][row]))
+    return entries
+
+
+def write_report(args, entries: List[Dict]) -> str:
+    header = ["run", "top-1 (%) mean ± std", "per seed", "params (M)",
+              f"MACs (G) at {entries[0]['img_size']} px", "training (min, all seeds)",
+              "paper ImageNet-1K top-1 (%)"]
+    lines = [[e["row"], f"{e['mean']:.2f} ± {e['std']:.2f}",
+              ", ".join(f"{v:.2f}" for v in e["top1"]), f"{e['params_m']:.2f}",
+              f"{e['macs_g']:.4f}", f"{e['minutes']:.1f}", f"{e['paper_top1']:.1f}"]
+             for e in entries]
+    text = markdown_table(header, lines) + "\n"
+    stem = args.output / args.table
+    (stem.parent / f"{args.table}.md").write_text(text)
+    with open(stem.parent / f"{args.table}.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=[k for k in entries[0] if k != "top1"])
+        writer.writeheader()
+        writer.writerows({k: v for k, v in e.items() if k != "top1"} for e in entries)
+
+    figure, axis = plt.subplots(figsize=(1.4 * len(entries) + 2, 3.5))
+    axis.bar([e["row"] for e in entries], [e["mean"] for e in entries],
+             yerr=[0 if e["runs"] < 2 else e["std"] for e in entries], capsize=4)
+    low = min(min(e["top1"]) for e in entries)
+    axis.set_ylim(max(0.0, low - 3), min(100.0, max(max(e["top1"]) for e in entries) + 1.5))
+    axis.set_ylabel("top-1 (%)")
+    axis.set_title(f"{args.table}: mean and std over seeds")
+    figure.tight_layout()
+    figure.savefig(stem.parent / f"{args.table}.png", dpi=100)
+    plt.close(figure)
+    return text
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    args, engine_argv = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.table == "flops":
+        print(flops_table(args.output), end="")
+        return
+    start = time.time()
+    train_runs(args, engine_argv)
+    entries = collect(args, engine_argv)
+    print(write_report(args, entries), end="")
+    print(f"{args.table}: {sum(e['runs'] for e in entries)} runs in {args.output}; "
+          f"this invocation took {(time.time() - start) / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""experiments/ablation.py: the flops table, the CPU profile's graphs, and resuming a reproduction."""
+import json
+import re
+
+import pytest
+import timm
+
+import ablation
+import engine
+from conftest import QUICK_TRAINING
+
+TINY_VIG = json.dumps(dict(channels=16, depth=2, head_hidden_size=16, heads=4, img_size=32,
+                           patch_size=8, k=2))
+
+
+def test_flops_table_rows_are_within_ten_percent_of_the_original_vig(tmp_path):
+    text = ablation.flops_table(tmp_path)
+    assert (tmp_path / "flops.md").read_text() == text
+    rows = {match[0]: float(match[1]) for match in
+            re.findall(r"^\| (\w+) \| [\d.]+ \| ([\d.]+) \|", text, re.M)}
+    assert list(rows) == ["gin", "sage", "edge", "max_relative", "cross_attn"]
+    for aggregator, macs in rows.items():
+        assert abs(macs / ablation.ORIGINAL_MACS[aggregator] - 1) < 0.10, (aggregator, macs)
+
+
+def test_cpu_profile_keeps_every_knn_graph_at_most_half_complete():
+    _, kwargs = ablation.PROFILES["cpu"]["models"]["vig_ti"]
+    model = timm.create_model("vig_ti", **kwargs)
+    nodes = (kwargs["img_size"] // kwargs["patch_size"]) ** 2
+    for block in model.graph_summary(kwargs["img_size"]):
+        assert block["k"] * block["dilation"] <= nodes / 2, block
+
+
+def test_interrupted_reproduction_resumes_and_skips_finished_runs(image_folder, tmp_path,
+                                                                  monkeypatch):
+    argv = ["--table", "aggregation", "--runs", "gin", "cross_attn", "--seeds", "0",
+            "--output", str(tmp_path / "ablation"), "--model-kwargs", TINY_VIG,
+            "--data-dir", str(image_folder), "--epochs", "1", *QUICK_TRAINING]
+    ablation.main(argv)
+    for suffix in ("md", "csv", "png"):
+        assert (tmp_path / "ablation" / f"aggregation.{suffix}").is_file()
+    table = (tmp_path / "ablation" / "aggregation.md").read_text()
+    assert re.search(r"^\| gin \| [\d.]+ ± nan \|", table, re.M)
+    assert re.search(r"^\| cross_attn \| [\d.]+ ± nan \|", table, re.M)
+
+    # gin as if killed after its last checkpoint: only it runs again, from that checkpoint.
+    gin = tmp_path / "ablation" / "aggregation" / "gin" / "seed0"
+    (gin / "results.json").unlink()
+    calls = []
+    train = engine.train
+
+    def recording_train(args):
+        calls.append(args)
+        return train(args)
+    monkeypatch.setattr(engine, "train", recording_train)
+    ablation.main(argv)
+    assert [args.resume for args in calls] == [gin / "last.pth"]
+    assert (gin / "results.json").is_file()
+
+    calls.clear()
+    ablation.main(argv)
+    assert calls == []
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--table", "aggregation", "--seed", "3"], "--seed is set per run"),
+    (["--table", "heads", "--runs", "nine_heads"], "unknown run(s) nine_heads for --table heads"),
+    (["--table", "aggregation", "--epochs", "many"], "invalid int value"),
+])
+def test_bad_options_fail_before_any_training(argv, message, capsys):
+    with pytest.raises(SystemExit) as failure:
+        ablation.main(argv)
+    assert message in str(failure.value) + capsys.readouterr().err
