@@ -21,6 +21,12 @@ def as_pair(value: IntOrPair, name: str) -> Tuple[int, int]:
     return pair
 
 
+def default_steps(height: int, width: int) -> Tuple[int, int]:
+    """The SVGA/DAGC shift step per axis when none is given: max(1, size // 7), which is
+    GreedyViG's K = 8, 4, 2, 1 at 224 px and keeps small grids connected."""
+    return max(1, height // 7), max(1, width // 7)
+
+
 def as_feature_map(x: Tensor, grid_size: Optional[Tuple[int, int]] = None) -> Tensor:
     """A feature map ``[B, C, H, W]``, or node features ``[B * H * W, C]`` with ``grid_size=(H, W)``
     (nodes numbered as above), as a ``[B, C, H, W]`` tensor."""

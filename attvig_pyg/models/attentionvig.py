@@ -19,7 +19,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._manipulate import checkpoint_seq
 
 from attvig_pyg.graphs import GRAPH_POLICIES, build_graph
-from attvig_pyg.graphs.grid import IntOrPair, as_pair
+from attvig_pyg.graphs.grid import IntOrPair, as_pair, default_steps
 from attvig_pyg.nn import CrossAttnConv, MaxRelativeConv
 
 __all__ = ["AttentionViG"]
@@ -98,7 +98,7 @@ class GraphMixer(nn.Module):
 
     def shift(self, height: int, width: int) -> Tuple[int, int]:
         """SVGA/DAGC shift step per axis: the explicit K, or max(1, size // 7)."""
-        return self.k or (max(1, height // 7), max(1, width // 7))
+        return self.k or default_steps(height, width)
 
     def knn_params(self, height: int, width: int) -> Tuple[int, int]:
         """k and dilation of the kNN graph, with k * dilation clamped to the nodes of a map."""

@@ -18,6 +18,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from torch_geometric.nn import EdgeConv, GINConv, SAGEConv
 
 from attvig_pyg.graphs import GRAPH_POLICIES, build_graph
+from attvig_pyg.graphs.grid import default_steps
 from attvig_pyg.nn import CrossAttnConv, GroupedLinear, MaxRelativeConv
 
 __all__ = ["ViG", "vig_ti", "vig_s", "vig_b", "AGGREGATORS"]
@@ -81,7 +82,7 @@ class Grapher(nn.Module):
             return build_graph("knn", x, k=self.k, dilation=self.dilation)
         height, width = x.shape[-2:]
         # Vision GNN's kNN counts a node among its neighbours; the axial graphs do the same here.
-        return build_graph(self.graph, x, k=(max(1, height // 7), max(1, width // 7)),
+        return build_graph(self.graph, x, k=default_steps(height, width),
                            self_loops=True)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -197,7 +198,7 @@ class ViG(nn.Module):
             if grapher.graph == "knn":
                 entry.update(k=grapher.k, dilation=grapher.dilation, neighbours=grapher.k)
             else:
-                step = max(1, grid // 7)
+                step = default_steps(grid, grid)[0]
                 candidates = 2 * len(range(step, grid, step)) + 1  # with the node itself
                 entry.update(k=(step, step), neighbours=candidates if grapher.graph == "svga"
                              else f"<= {candidates} (filtered per image)")
