@@ -169,14 +169,30 @@ def train_runs(args, engine_argv: List[str]) -> None:
     plan = [(row, seed) for row in rows for seed in args.seeds]
     for index, (row, seed) in enumerate(plan, 1):
         folder = run_folder(args, row, seed)
+        run_args = engine.parse_args(run_argv(args, engine_argv, row, seed))
         if (folder / "results.json").exists():
+            check_finished_run(folder, run_args)
             log.info("run %d/%d: %s seed %d already finished (%s)", index, len(plan), row, seed,
                      folder)
             continue
-        argv = run_argv(args, engine_argv, row, seed)
         log.info("run %d/%d: %s seed %d%s", index, len(plan), row, seed,
-                 " (resumed)" if "--resume" in argv else "")
-        engine.train(engine.parse_args(argv))
+                 " (resumed)" if run_args.resume else "")
+        engine.train(run_args)
+
+
+def check_finished_run(folder: Path, run_args) -> None:
+    """Refuses to count a finished run that was trained with other settings than this command's
+    (an interrupted one is checked by the engine's --resume)."""
+    saved = json.loads((folder / "results.json").read_text()).get("config")
+    if saved is None:
+        raise SystemExit(f"{folder}/results.json states no settings (an older version of this "
+                         "program wrote it); delete the folder to train the run again")
+    keys = [key for key in saved if key not in engine.RUN_LOCAL]
+    differences = engine.config_differences(saved, run_args, keys)
+    if differences:
+        raise SystemExit(f"{folder} holds a finished run with other settings than this command:"
+                         "\n  " + "\n  ".join(differences) + "\nUse another --output, or delete "
+                         "the folder to train the run again")
 
 
 def collect(args, engine_argv: List[str]) -> List[Dict]:
@@ -188,8 +204,8 @@ def collect(args, engine_argv: List[str]) -> List[Dict]:
         if not results:
             continue
         run_args = engine.parse_args(run_argv(args, engine_argv, row, args.seeds[0]))
-        model = engine.build_model(run_args, engine.count_classes(run_args))
-        top1 = [r["final"]["eval_top1"] for r in results]
+        model = engine.build_model(run_args, len(engine.class_names(run_args)))
+        top1 = [r["final"]["eval"]["top1"] for r in results]
         entries.append(dict(
             row=row, runs=len(top1), top1=top1, mean=statistics.mean(top1),
             std=statistics.stdev(top1) if len(top1) > 1 else float("nan"),

@@ -61,6 +61,14 @@ def test_interrupted_reproduction_resumes_and_skips_finished_runs(image_folder, 
     ablation.main(argv)
     assert calls == []
 
+    # The same folder asked for other settings: the finished runs are not counted as these.
+    longer = [*argv[:argv.index("--epochs")], "--epochs", "2", *argv[argv.index("--epochs") + 2:]]
+    with pytest.raises(SystemExit, match=r"gin/seed0 holds a finished run with other settings "
+                                         r"than this command:\n  --epochs: the run has 1, this "
+                                         r"command 2"):
+        ablation.main(longer)
+    assert calls == []
+
 
 @pytest.mark.parametrize("argv, message", [
     (["--table", "aggregation", "--seed", "3"], "--seed is set per run"),

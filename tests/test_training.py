@@ -3,8 +3,10 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,10 +16,11 @@ import engine
 import imagenet
 from conftest import QUICK_TRAINING
 
-EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
+TESTS = Path(__file__).resolve().parent
+EXPERIMENTS = TESTS.parent / "experiments"
 
-TINY_MODEL = json.dumps(dict(depths=[1, 1, 1, 1], dims=[8, 16, 24, 32], head_hidden_size=16,
-                             heads=4))
+TINY = dict(depths=[1, 1, 1, 1], dims=[8, 16, 24, 32], head_hidden_size=16, heads=4)
+TINY_MODEL = json.dumps(TINY)
 QUICK = ["--model-kwargs", TINY_MODEL, *QUICK_TRAINING]
 
 
@@ -25,9 +28,25 @@ def run(args, tmp_path, name="run"):
     return imagenet.main([*QUICK, "--output", str(tmp_path / name), *map(str, args)])
 
 
-def final_weights(folder: Path):
-    return torch.load(folder / "last.pth", map_location="cpu", weights_only=False)["model"]
+def checkpoint(path: Path):
+    return torch.load(path, map_location="cpu", weights_only=True)
 
+
+def assert_same_weights(first: Path, second: Path):
+    a, b = checkpoint(first)["model"], checkpoint(second)["model"]
+    assert a.keys() == b.keys()
+    different = [key for key in a if not torch.equal(a[key], b[key])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+def program(args, env=None, **options):
+    """imagenet.py in a process group of its own (tests/run_and_signal.py)."""
+    return subprocess.run([sys.executable, str(TESTS / "run_and_signal.py"), *map(str, args)],
+                          capture_output=True, text=True, timeout=600, start_new_session=True,
+                          env=dict(os.environ, **(env or {})), **options)
+
+
+# ---- a run and what it writes ---------------------------------------------------------------
 
 def test_one_epoch_and_evaluation_on_the_embedded_data(tmp_path, capsys):
     run(["--epochs", "1", "--batch-size", "128"], tmp_path)
@@ -38,39 +57,236 @@ def test_one_epoch_and_evaluation_on_the_embedded_data(tmp_path, capsys):
     for name in ("last.pth", "best.pth", "metrics.csv", "curves.png", "results.json",
                  "train.log"):
         assert (output / name).is_file(), name
+    assert not (output / "run.lock").exists()
+    assert not list(output.glob(".*.tmp"))
     assert any((output / "tensorboard").iterdir())
     results = json.loads((output / "results.json").read_text())
-    assert results["final"]["eval_top1"] > 10  # better than chance on 10 classes
+    assert results["final"]["eval"]["top1"] > 10  # better than chance on 10 classes
+    assert results["config"]["model_kwargs"] == TINY
+    header = (output / "metrics.csv").read_text().splitlines()[0]
+    assert header.startswith("epoch,train_loss,") and "eval_top1" in header
     log = (output / "train.log").read_text()
     assert "10000 training and 10000 evaluation images" in log
     assert "graph stage 1: 8x8 nodes, svga" in log
 
 
-def test_resume_from_an_epoch_boundary_reproduces_the_run(image_folder, tmp_path, monkeypatch):
-    common = ["--data-dir", image_folder, "--epochs", "3", "--seed", "3"]
+def test_augmentation_does_not_depend_on_the_loader_processes(image_folder, tmp_path):
+    """Every image has its own seed: 0 or 2 loader processes train the same weights."""
+    common = ["--data-dir", image_folder, "--epochs", "1", "--batch-size", "4", "--scale", "0.3",
+              "1", "--aa", "rand-m9-mstd0.5-inc1", "--reprob", "0.5"]
+    run([*common, "--workers", "0"], tmp_path, "in_process")
+    run([*common, "--workers", "2"], tmp_path, "two_loaders")
+    assert_same_weights(tmp_path / "in_process" / "last.pth", tmp_path / "two_loaders" / "last.pth")
+
+
+# ---- exact continuation ---------------------------------------------------------------------
+
+def test_sigterm_mid_epoch_then_resume_equals_the_uninterrupted_run(image_folder, tmp_path,
+                                                                    monkeypatch):
+    common = ["--data-dir", image_folder, "--epochs", "3", "--seed", "3", "--batch-size", "4",
+              "--model-ema", "--mixup", "0.8", "--cutmix", "1.0", "--reprob", "0.25"]
     run(common, tmp_path, "straight")
 
-    write_metrics = engine._write_metrics
+    train_step = engine.TrainingRun.train_step
 
-    def stop_after_first_epoch(output, history, writer):  # a real SIGTERM, after epoch 1 saved
-        write_metrics(output, history, writer)
-        if len(history) == 1:
+    def signal_after_step_4_of_epoch_2(self, images, targets):
+        train_step(self, images, targets)
+        if (self.epoch, self.step) == (1, 4):
             os.kill(os.getpid(), signal.SIGTERM)
-    monkeypatch.setattr(engine, "_write_metrics", stop_after_first_epoch)
+    monkeypatch.setattr(engine.TrainingRun, "train_step", signal_after_step_4_of_epoch_2)
     with pytest.raises(SystemExit) as stopped:
         run(common, tmp_path, "interrupted")
     assert stopped.value.code == 128 + signal.SIGTERM
-    monkeypatch.setattr(engine, "_write_metrics", write_metrics)
+    monkeypatch.setattr(engine.TrainingRun, "train_step", train_step)
     interrupted = tmp_path / "interrupted"
-    assert torch.load(interrupted / "last.pth", weights_only=False)["epoch"] == 0
+    state = checkpoint(interrupted / "last.pth")
+    assert (state["epoch"], state["step"]) == (1, 4)
+    assert not (interrupted / "run.lock").exists()
 
     imagenet.main([*QUICK, *map(str, common), "--resume", str(interrupted / "last.pth")])
-    straight, resumed = final_weights(tmp_path / "straight"), final_weights(interrupted)
-    assert straight.keys() == resumed.keys()
-    for key in straight:
-        assert torch.equal(straight[key], resumed[key]), key
-    assert len((interrupted / "metrics.csv").read_text().splitlines()) == 1 + 3
+    assert_same_weights(tmp_path / "straight" / "last.pth", interrupted / "last.pth")
+    straight_rows = (tmp_path / "straight" / "metrics.csv").read_text().splitlines()
+    resumed_rows = (interrupted / "metrics.csv").read_text().splitlines()
+    assert len(resumed_rows) == 1 + 3
+    for straight, resumed in zip(straight_rows, resumed_rows):  # epoch, loss: equal; timings: not
+        assert straight.split(",")[:2] == resumed.split(",")[:2]
 
+
+def test_sigterm_to_the_process_group_with_two_loader_processes(image_folder, tmp_path):
+    """The signal reaches the loader processes too (a scheduler stopping the job): they ignore
+    it, the main process writes a checkpoint mid-epoch 2, and --resume ends bit for bit where the
+    uninterrupted run ends."""
+    common = [*QUICK, "--data-dir", image_folder, "--epochs", "3", "--seed", "5",
+              "--batch-size", "4", "--workers", "2", "--reprob", "0.25"]
+    stop_step = 2  # of the 6 steps of epoch 2 (24 images, batch 4)
+    straight = program([*common, "--output", tmp_path / "straight"])
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    stopped = program([*common, "--output", tmp_path / "stopped"],
+                      env=dict(STOP_AT=f"2:{stop_step}"))
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]
+    assert "received SIGTERM" in stopped.stderr
+    assert "DataLoader worker" not in stopped.stderr
+    state = checkpoint(tmp_path / "stopped" / "last.pth")
+    assert state["epoch"] == 1 and stop_step <= state["step"] < 6, (state["epoch"], state["step"])
+
+    resumed = program([*common, "--resume", tmp_path / "stopped" / "last.pth"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {tmp_path / 'stopped' / 'last.pth'} at epoch 2 of 3, step " \
+        f"{state['step']} of 6" in resumed.stderr
+    checksums = [re.search(r"weights checksum (\w+)", p.stderr)[1] for p in (straight, resumed)]
+    assert checksums[0] == checksums[1]
+    assert_same_weights(tmp_path / "straight" / "last.pth", tmp_path / "stopped" / "last.pth")
+
+
+def test_resume_refuses_changed_settings(image_folder, tmp_path):
+    run(["--data-dir", image_folder, "--epochs", "2"], tmp_path)
+    last = tmp_path / "run" / "last.pth"
+    before = last.read_bytes()
+    other_model = json.dumps(dict(TINY, heads=2))
+    with pytest.raises(SystemExit, match=r"--model-kwargs: the run has .*\"heads\": 4"):
+        imagenet.main([*QUICK_TRAINING, "--model-kwargs", other_model, "--resume", str(last)])
+    with pytest.raises(SystemExit, match=r"--epochs: the run has 2, this command 3(.|\n)*longer "
+                                         r"--epochs would change the learning-rate schedule"):
+        imagenet.main([*QUICK, "--epochs", "3", "--resume", str(last)])
+    with pytest.raises(SystemExit, match="--graph: the run has null, this command \"dagc\""):
+        imagenet.main(["--graph", "dagc", "--resume", str(last)])
+    assert last.read_bytes() == before
+    # Only the flags that say where it runs may change; the rest comes from the checkpoint.
+    summary = imagenet.main(["--resume", str(last), "--workers", "1"])
+    assert summary is None and last.read_bytes() == before  # finished: nothing left to train
+
+
+def test_resume_with_other_training_data_is_refused(image_folder, tmp_path):
+    run(["--data-dir", image_folder, "--epochs", "1"], tmp_path)
+    (image_folder / "train" / "class_0" / "0.png").unlink()
+    with pytest.raises(SystemExit, match="trained on 24 images of 3 classes; the data now has 23"):
+        imagenet.main(["--resume", str(tmp_path / "run" / "last.pth")])
+
+
+# ---- what a checkpoint is evaluated with ----------------------------------------------------
+
+def test_eval_only_rebuilds_the_model_from_the_checkpoint(image_folder, tmp_path, capsys):
+    """A dagc / one-head / softmax run: --eval-only with no model flag reproduces its accuracy."""
+    model = json.dumps(dict(TINY, heads=1, normalize="softmax"))
+    imagenet.main([*QUICK_TRAINING, "--model-kwargs", model, "--graph", "dagc", "--data-dir",
+                   str(image_folder), "--epochs", "2", "--output", str(tmp_path / "run")])
+    best = json.loads((tmp_path / "run" / "results.json").read_text())["best"]
+    capsys.readouterr()
+    imagenet.main(["--eval-only", "--checkpoint", str(tmp_path / "run" / "best.pth")])
+    printed = capsys.readouterr().out
+    assert f"(model weights, epoch {best['epoch']}): top-1 {best['top1']:.2f}%" in printed
+    assert "on 12 images" in printed
+    with pytest.raises(SystemExit, match=r"--eval-only(.|\n)*--graph: the run has \"dagc\", this "
+                                         r"command \"svga\""):
+        imagenet.main(["--eval-only", "--checkpoint", str(tmp_path / "run" / "best.pth"),
+                       "--graph", "svga"])
+
+
+def test_eval_only_evaluates_the_weights_the_checkpoint_names(image_folder, tmp_path, capsys):
+    """best.pth says whether its best result came from the raw or the EMA weights; --eval-only
+    evaluates those. Here the raw weights always answer class 0 and the EMA weights class 2, on an
+    evaluation set of 1 + 4 + 4 images."""
+    run(["--data-dir", image_folder, "--epochs", "1", "--model-ema"], tmp_path)
+    state = checkpoint(tmp_path / "run" / "best.pth")
+    for weights, answer in (("model", 0), ("ema", 2)):
+        for head in ("head", "head_dist"):
+            state[weights][f"{head}.weight"].zero_()
+            state[weights][f"{head}.bias"].copy_(torch.eye(3)[answer] * 10)
+    state["weights"] = "ema"
+    torch.save(state, tmp_path / "ema.pth")
+    for image in ("1.png", "2.png", "3.png"):
+        (image_folder / "val" / "class_0" / image).unlink()
+    imagenet.main(["--eval-only", "--checkpoint", str(tmp_path / "ema.pth")])
+    assert "(ema weights, epoch 1): top-1 44.44%" in capsys.readouterr().out
+    state["weights"] = "model"
+    torch.save(state, tmp_path / "raw.pth")
+    imagenet.main(["--eval-only", "--checkpoint", str(tmp_path / "raw.pth")])
+    assert "(model weights, epoch 1): top-1 11.11%" in capsys.readouterr().out
+
+
+def test_unsafe_or_broken_checkpoints_are_refused(image_folder, tmp_path):
+    class RunsCode:
+        def __reduce__(self):
+            return os.system, (f"touch {tmp_path / 'pwned'}",)
+    torch.save(dict(format=2, model=RunsCode()), tmp_path / "evil.pth")
+    for flag in ("--checkpoint", "--resume"):
+        argv = [flag, str(tmp_path / "evil.pth")] + (["--eval-only"] if flag == "--checkpoint"
+                                                      else [])
+        with pytest.raises(SystemExit, match="refused: it holds Python objects besides tensors"):
+            imagenet.main(argv)
+    assert not (tmp_path / "pwned").exists()
+
+    run(["--data-dir", image_folder, "--epochs", "1"], tmp_path)
+    whole = (tmp_path / "run" / "last.pth").read_bytes()
+    (tmp_path / "cut.pth").write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(SystemExit, match="cut.pth is not a readable checkpoint \\(truncated or "
+                                         "corrupt\\)"):
+        imagenet.main(["--eval-only", "--checkpoint", str(tmp_path / "cut.pth")])
+    torch.save(dict(model=checkpoint(tmp_path / "run" / "last.pth")["model"]),
+               tmp_path / "bare.pth")
+    with pytest.raises(SystemExit, match="bare.pth is not a checkpoint of this program"):
+        imagenet.main(["--eval-only", "--checkpoint", str(tmp_path / "bare.pth")])
+
+
+# ---- one run per folder ---------------------------------------------------------------------
+
+def test_a_second_run_on_a_locked_folder_fails_and_the_first_is_intact(image_folder, tmp_path):
+    folder = tmp_path / "run"
+    with open(tmp_path / "first.log", "w") as first_log:
+        first = subprocess.Popen(
+            [sys.executable, str(TESTS / "run_and_signal.py"), *QUICK, "--data-dir",
+             image_folder, "--epochs", "1000", "--seed", "7", "--output", folder],
+            stderr=first_log, start_new_session=True)
+    errors = lambda: (tmp_path / "first.log").read_text()[-3000:]  # noqa: E731
+    try:
+        deadline = time.time() + 120
+        while not (folder / "last.pth").exists():  # it holds the lock and has a checkpoint
+            assert first.poll() is None and time.time() < deadline, errors()
+            time.sleep(0.2)
+        with pytest.raises(SystemExit, match=re.escape(
+                f"{folder} is in use by another run: pid {first.pid} on {socket.gethostname()}")):
+            run(["--data-dir", image_folder, "--epochs", "1", "--seed", "8"], tmp_path)
+        with pytest.raises(SystemExit, match="is in use by another run"):
+            imagenet.main(["--resume", str(folder / "last.pth")])
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.wait(timeout=120)
+    assert first.returncode == 128 + signal.SIGTERM, errors()
+    state = checkpoint(folder / "last.pth")
+    assert state["config"]["seed"] == 7 and state["config"]["epochs"] == 1000
+    assert "seed 8" not in (folder / "train.log").read_text()
+    assert not (folder / "run.lock").exists()
+
+
+def test_a_stale_lock_is_reported_and_taken_over(image_folder, tmp_path):
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "run.lock").write_text(json.dumps(
+        dict(pid=gone.pid, host=socket.gethostname(), started="yesterday", command="x")))
+    run(["--data-dir", image_folder, "--epochs", "1"], tmp_path)
+    assert f"took over the stale lock of pid {gone.pid}" in \
+        (tmp_path / "run" / "train.log").read_text()
+    assert not (tmp_path / "run" / "run.lock").exists()
+
+
+def test_a_lock_held_on_another_host_is_respected(image_folder, tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "run.lock").write_text(json.dumps(
+        dict(pid=1, host="another-host", started="now", command="x")))
+    with pytest.raises(SystemExit, match="in use by another run: pid 1 on another-host"):
+        run(["--data-dir", image_folder, "--epochs", "1"], tmp_path)
+    assert (tmp_path / "run" / "run.lock").exists()
+
+
+def test_output_folder_of_another_run_is_not_overwritten(image_folder, tmp_path):
+    run(["--data-dir", image_folder, "--epochs", "1"], tmp_path)
+    with pytest.raises(SystemExit, match="already holds a run"):
+        run(["--data-dir", image_folder, "--epochs", "1"], tmp_path)
+
+
+# ---- processes, data, teacher ---------------------------------------------------------------
 
 def test_two_process_torchrun(image_folder, tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -84,7 +300,7 @@ def test_two_process_torchrun(image_folder, tmp_path):
     assert checksums["0"] == checksums["1"]
     assert "2 process(es)" in result.stderr
     assert "global batch of 8" in result.stderr
-    assert (tmp_path / "ddp" / "last.pth").is_file()
+    assert len(checkpoint(tmp_path / "ddp" / "last.pth")["processes"]) == 2
 
 
 def test_hard_distillation_with_a_local_teacher(image_folder, tmp_path):
@@ -102,24 +318,32 @@ def test_corrupt_images_are_skipped_and_counted(image_folder, tmp_path):
     assert "skipped 1 unreadable training images" in (tmp_path / "run" / "train.log").read_text()
 
 
-def test_missing_or_empty_data_folder_fails_before_any_work(tmp_path, capsys):
+def test_a_failing_transform_is_not_an_unreadable_image(image_folder):
+    from attvig_pyg.data import SafeImageFolder
+
+    def broken_augmentation(image):
+        raise ValueError("bits must be between or equal to 1 and 8")
+    folder = SafeImageFolder(image_folder / "train", transform=broken_augmentation)
+    with pytest.raises(ValueError, match="bits must be"):
+        folder[0]
+
+
+def test_data_folder_problems_are_named_before_any_work(image_folder, tmp_path, capsys):
     with pytest.raises(SystemExit):
         run(["--data-dir", tmp_path / "nowhere", "--epochs", "1"], tmp_path)
     assert "nowhere/train is missing" in capsys.readouterr().err
     (tmp_path / "empty" / "train").mkdir(parents=True)
     (tmp_path / "empty" / "val").mkdir()
-    with pytest.raises(FileNotFoundError, match="No images in"):
-        run(["--data-dir", tmp_path / "empty", "--epochs", "1"], tmp_path)
-    assert not (tmp_path / "run" / "last.pth").exists()
-
-
-def test_eval_only(image_folder, tmp_path, capsys):
-    run(["--data-dir", image_folder, "--epochs", "1"], tmp_path)
-    capsys.readouterr()
-    imagenet.main([*QUICK, "--data-dir", str(image_folder), "--eval-only", "--checkpoint",
-                   str(tmp_path / "run" / "best.pth")])
-    assert re.search(r"best\.pth: top-1 \d+\.\d+%, top-5 \d+\.\d+% on 12 images",
-                     capsys.readouterr().out)
+    with pytest.raises(FileNotFoundError, match="No class folders in"):
+        run(["--data-dir", tmp_path / "empty", "--epochs", "1"], tmp_path, "a")
+    (image_folder / "train" / "class_3").mkdir()
+    with pytest.raises(FileNotFoundError, match="class folder\\(s\\) without images: class_3"):
+        run(["--data-dir", image_folder, "--epochs", "1"], tmp_path, "b")
+    (image_folder / "train" / "class_3").rmdir()
+    (image_folder / "val" / "class_2").rename(image_folder / "val" / "class_9")
+    with pytest.raises(SystemExit, match=r"missing \['class_2'\], extra \['class_9'\]"):
+        run(["--data-dir", image_folder, "--epochs", "1"], tmp_path, "c")
+    assert not list(tmp_path.glob("*/last.pth"))
 
 
 def test_warmup_longer_than_the_run_is_clamped(image_folder, tmp_path):
@@ -128,17 +352,38 @@ def test_warmup_longer_than_the_run_is_clamped(image_folder, tmp_path):
         (tmp_path / "run" / "train.log").read_text()
 
 
-def test_output_folder_of_another_run_is_not_overwritten(image_folder, tmp_path):
-    run(["--data-dir", image_folder, "--epochs", "1"], tmp_path)
-    with pytest.raises(SystemExit, match="already holds a run"):
-        run(["--data-dir", image_folder, "--epochs", "1"], tmp_path)
+def test_output_under_a_file_is_named(image_folder, tmp_path):
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit, match=f"cannot create the run folder: {tmp_path / 'a_file'} "
+                                         "is a file"):
+        imagenet.main([*QUICK, "--data-dir", str(image_folder), "--epochs", "1",
+                       "--output", str(tmp_path / "a_file" / "run")])
 
 
-def test_bad_arguments(tmp_path, capsys):
-    for args, message in ((["--eval-only"], "--eval-only needs --checkpoint"),
-                          (["--teacher-model", "resnet10t"], "needs both --teacher-model"),
-                          (["--resume", tmp_path / "none.pth"], "no such file"),
-                          (["--graph", "grid"], "invalid choice: 'grid'")):
-        with pytest.raises(SystemExit):
-            engine.parse_args([*QUICK, *map(str, args)])
-        assert message in capsys.readouterr().err
+@pytest.mark.parametrize("args, message", [
+    (["--eval-only"], "--eval-only needs --checkpoint"),
+    (["--teacher-model", "resnet10t"], "needs both --teacher-model"),
+    (["--resume", "none.pth"], "no such file"),
+    (["--graph", "grid"], "invalid choice: 'grid'"),
+    (["--epochs", "0"], "--epochs must be at least 1 (got 0)"),
+    (["--batch-size", "1"], "--batch-size must be at least 2 to train (got 1): BatchNorm"),
+    (["--device", "gpu"], "--device: 'gpu' is not a device (expected cpu, cuda or cuda:N)"),
+    (["--device", "cuda:1"], "--device: 'cuda:1': CUDA is not available"),
+    (["--device", "tpu"], "is not a device"),
+])
+def test_bad_arguments(args, message, capsys):
+    with pytest.raises(SystemExit):
+        engine.parse_args([*QUICK, *map(str, args)])
+    assert message in capsys.readouterr().err
+
+
+def test_device_index_under_torchrun_is_an_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="under torchrun every process uses cuda:LOCAL_RANK"):
+        engine.check_device("cuda:1")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    engine.check_device("cuda:1")
+    with pytest.raises(ValueError, match="this machine has 2 GPU"):
+        engine.check_device("cuda:2")
