@@ -1,51 +1,146 @@
-"""A graph given as dense blocks: the structured adjacency that grid graph builders produce and
-that :class:`attvig_pyg.nn.CrossAttnConv` aggregates with batched matrix products."""
+r"""A graph whose nodes sit in cycles and receive from the nodes a fixed number of places behind
+them: the structured adjacency that the SVGA and DAGC builders produce and that
+:class:`attvig_pyg.nn.CrossAttnConv` aggregates with dense per-offset tensor operations, at a
+cost proportional to the number of candidate edges."""
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 
 @dataclass(frozen=True, eq=False)
-class BlockAdjacency:
-    r"""The union of dense blocks of a graph on :obj:`num_nodes` nodes.
+class CyclicNeighbours:
+    r"""One part of a :class:`CyclicAdjacency`: node :obj:`cycles[p, t]` receives from node
+    :obj:`cycles[p, (t - o) % T]` for every offset :obj:`o = offsets[i]` where
+    :obj:`mask[p, t, i]` is true (every offset where :obj:`mask` is :obj:`None`).
 
-    Each part is a pair :obj:`(index, mask)`: :obj:`index` of shape :obj:`[num_blocks, S]` lists
-    the node ids of every block, and the boolean :obj:`mask` of shape :obj:`[S, S]` (shared by all
-    blocks) or :obj:`[num_blocks, S, S]` says which pairs are edges: node :obj:`index[b, j]` sends
-    to node :obj:`index[b, i]` where :obj:`mask[b, i, j]`. The edge set is the union over all parts
-    and blocks (a pair listed twice is two edges, as in an :obj:`edge_index` with a repeated
-    column). :meth:`to_edge_index` gives the same graph as an :obj:`edge_index`.
+    Args:
+        cycles (LongTensor): :obj:`[num_cycles, T]` node ids, a cycle per row.
+        offsets (tuple of int): The places behind a node its candidates sit, distinct modulo
+            :obj:`T` (offset 0 is a self-loop).
+        mask (BoolTensor, optional): :obj:`[num_cycles, T, len(offsets)]`: which candidates are
+            edges. (default: :obj:`None`, all)
     """
 
-    parts: Tuple[Tuple[Tensor, Tensor], ...]
+    cycles: Tensor
+    offsets: Tuple[int, ...]
+    mask: Optional[Tensor] = None
+
+    def __post_init__(self):
+        if not isinstance(self.cycles, Tensor) or self.cycles.dim() != 2 or \
+                self.cycles.dtype != torch.long:
+            raise ValueError(f"Expected 'cycles' as a long tensor [num_cycles, T] (got "
+                             f"{_describe(self.cycles)})")
+        length = self.cycles.size(1)
+        offsets = tuple(self.offsets)
+        if not all(isinstance(o, int) for o in offsets) or \
+                len({o % max(length, 1) for o in offsets}) != len(offsets):
+            raise ValueError(f"Expected 'offsets' as distinct ints modulo the cycle length "
+                             f"{length} (got {self.offsets})")
+        object.__setattr__(self, "offsets", offsets)
+        expected = (*self.cycles.shape, len(offsets))
+        if self.mask is not None and (not isinstance(self.mask, Tensor) or
+                                      self.mask.dtype != torch.bool or
+                                      tuple(self.mask.shape) != expected):
+            raise ValueError(f"Expected 'mask' as a bool tensor of shape {list(expected)} "
+                             f"[num_cycles, T, len(offsets)] (got {_describe(self.mask)})")
+
+    @property
+    def num_candidates(self) -> int:
+        return self.cycles.numel() * len(self.offsets)
+
+    def behind(self) -> Tensor:
+        """:obj:`[T, len(offsets)]`: the cycle position of each candidate of each position."""
+        length = self.cycles.size(1)
+        position = torch.arange(length, device=self.cycles.device)
+        offsets = torch.tensor(self.offsets, dtype=torch.long, device=self.cycles.device)
+        return (position.view(-1, 1) - offsets.view(1, -1)) % max(length, 1)
+
+    def sources(self) -> Tensor:
+        """:obj:`[num_cycles, T, len(offsets)]`: the node each candidate comes from."""
+        return self.cycles[:, self.behind()]
+
+
+@dataclass(frozen=True, eq=False)
+class CyclicAdjacency:
+    r"""A graph on :obj:`num_nodes` nodes: the union of the edges of its :class:`CyclicNeighbours`
+    parts (an edge listed by two parts is two edges, as in an :obj:`edge_index` with a repeated
+    column).
+
+    The order of the edges, in :meth:`to_edge_index` and in the attention weights
+    :class:`~attvig_pyg.nn.CrossAttnConv` returns, is part by part, then row-major over
+    :obj:`[num_cycles, T, len(offsets)]`, skipping masked candidates.
+
+    Construction checks every invariant (shapes, dtypes, node ids in range), except the node ids
+    while :func:`torch.compile` traces (a data-dependent check).
+    """
+
+    parts: Tuple[CyclicNeighbours, ...]
     num_nodes: int
 
     def __post_init__(self):
-        for index, mask in self.parts:
-            if index.dim() != 2 or index.dtype != torch.long:
-                raise ValueError(f"Expected a long block index of shape [num_blocks, S] "
-                                 f"(got {index.dtype} {tuple(index.shape)})")
-            size = index.size(1)
-            if mask.dtype != torch.bool or mask.shape[-2:] != (size, size) or mask.dim() not in (
-                    2, 3) or (mask.dim() == 3 and mask.size(0) != index.size(0)):
-                raise ValueError(f"Expected a boolean mask of shape [{size}, {size}] or "
-                                 f"[{index.size(0)}, {size}, {size}] for a block index of shape "
-                                 f"{tuple(index.shape)} (got {mask.dtype} {tuple(mask.shape)})")
+        object.__setattr__(self, "parts", tuple(self.parts))
+        if not all(isinstance(part, CyclicNeighbours) for part in self.parts):
+            raise TypeError("Expected 'parts' as CyclicNeighbours")
+        if not isinstance(self.num_nodes, int) or self.num_nodes < 0:
+            raise ValueError(f"Expected 'num_nodes' as an int >= 0 (got {self.num_nodes!r})")
+        if len({part.cycles.device for part in self.parts}) > 1:
+            raise ValueError("Every part of a CyclicAdjacency must be on one device")
+        if torch.compiler.is_compiling():
+            return
+        for part in self.parts:
+            if part.cycles.numel() and (int(part.cycles.min()) < 0 or
+                                        int(part.cycles.max()) >= self.num_nodes):
+                raise IndexError(f"A CyclicAdjacency part holds node ids in "
+                                 f"[{int(part.cycles.min())}, {int(part.cycles.max())}], outside "
+                                 f"[0, {self.num_nodes - 1}]")
 
     @property
     def device(self) -> torch.device:
-        return self.parts[0][0].device if self.parts else torch.device("cpu")
+        return self.parts[0].cycles.device if self.parts else torch.device("cpu")
+
+    def with_masks(self, masks: Sequence[Optional[Tensor]]) -> "CyclicAdjacency":
+        """The same candidates with other masks, one per part (a dynamic graph over a static
+        candidate set: DAGC)."""
+        if len(masks) != len(self.parts):
+            raise ValueError(f"Expected {len(self.parts)} masks, one per part (got {len(masks)})")
+        parts = tuple(CyclicNeighbours(part.cycles, part.offsets, mask)
+                      for part, mask in zip(self.parts, masks))
+        return CyclicAdjacency(parts, self.num_nodes)
 
     def num_edges(self) -> int:
-        return sum(int(mask.expand(index.size(0), -1, -1).sum()) for index, mask in self.parts)
+        return sum(part.num_candidates if part.mask is None else int(part.mask.sum())
+                   for part in self.parts)
+
+    def num_candidates(self) -> int:
+        """The (node, candidate) pairs the conv scores: edges and masked candidates."""
+        return sum(part.num_candidates for part in self.parts)
+
+    def density(self) -> float:
+        """Edges per scored candidate (1.0 without masks, and for a graph without candidates)."""
+        candidates = self.num_candidates()
+        return self.num_edges() / candidates if candidates else 1.0
 
     def to_edge_index(self) -> Tensor:
-        """The edges as a :obj:`[2, num_edges]` tensor, part by part, block by block, in the
-        row-major order of the mask (the order in which the conv returns attention weights)."""
+        """The edges as a :obj:`[2, num_edges]` tensor (row 0 sends, row 1 receives), in the
+        order documented above."""
         edges = [torch.empty(2, 0, dtype=torch.long, device=self.device)]
-        for index, mask in self.parts:
-            block, target, source = mask.expand(index.size(0), -1, -1).nonzero(as_tuple=True)
-            edges.append(torch.stack([index[block, source], index[block, target]]))
+        for part in self.parts:
+            sources = part.sources()
+            targets = part.cycles.unsqueeze(-1).expand_as(sources)
+            if part.mask is not None:
+                sources, targets = sources[part.mask], targets[part.mask]
+            edges.append(torch.stack([sources.reshape(-1), targets.reshape(-1)]))
         return torch.cat(edges, dim=1)
+
+    def __repr__(self) -> str:
+        parts = ", ".join(f"{tuple(p.cycles.shape)} x {len(p.offsets)} offsets"
+                          f"{' masked' if p.mask is not None else ''}" for p in self.parts)
+        return f"{self.__class__.__name__}(num_nodes={self.num_nodes}, parts=[{parts}])"
+
+
+def _describe(value) -> str:
+    if isinstance(value, Tensor):
+        return f"{value.dtype} tensor of shape {list(value.shape)}"
+    return type(value).__name__

@@ -3,8 +3,10 @@ GATv2Conv (same input/output channels and heads), interleaved, each case in a fr
 
 Cases: (a) the SVGA graph of 8 images of 56x56 nodes with shifts every 8 (12 neighbours each),
 C=48, 8 heads; (b) the same grid with shifts every 2 (54 neighbours); (c) a random graph with
-100k nodes and 1.6M edges, C=64, 8 heads. On the grid cases CrossAttnConv also runs on the
-builder's BlockAdjacency (its fast path). Results go to docs/benchmarks.md.
+100k nodes and 1.6M edges, C=64, 8 heads; (d) SVGA on 80x80 grids with K=11 (stage 1 at 320 px:
+K does not divide the grid). CrossAttnConv runs on a plain edge_index (per-edge messages, as
+every PyG conv), on an EdgeIndex sorted by target (its fused kernels) and, on the grids, on the
+builder's CyclicAdjacency. Results go to docs/benchmarks.md.
 
     python experiments/benchmark_conv.py [--rounds 3] [--repeats 3]
 """
@@ -22,15 +24,18 @@ CASES = {
     "b": dict(label="(b) SVGA 8x56x56, K=2, C=48", grid=(8, 56, 56, 2), channels=48),
     "c": dict(label="(c) random, 100k nodes, 1.6M edges, C=64", nodes=100_000,
               edges=1_600_000, channels=64),
+    "d": dict(label="(d) SVGA 8x80x80, K=11, C=48", grid=(8, 80, 80, 11), channels=48),
 }
-CONVS = ["CrossAttnConv", "CrossAttnConv (blocks)", "TransformerConv", "GATv2Conv"]
+CONVS = ["CrossAttnConv (edge_index)", "CrossAttnConv (EdgeIndex)", "CrossAttnConv (cyclic)",
+         "TransformerConv", "GATv2Conv"]
 HEADS = 8
 PEER = "TransformerConv"
 
 
 def build(case_name: str, conv_name: str):
     from attvig_pyg import CrossAttnConv
-    from attvig_pyg.graphs import svga_blocks, svga_graph
+    from attvig_pyg.graphs import svga_adjacency, svga_graph
+    from torch_geometric import EdgeIndex
     from torch_geometric.nn import GATv2Conv, TransformerConv
 
     torch.manual_seed(0)
@@ -39,14 +44,17 @@ def build(case_name: str, conv_name: str):
     if "grid" in case:
         batch_size, height, width, k = case["grid"]
         nodes = batch_size * height * width
-        adjacency = (svga_blocks if conv_name.endswith("(blocks)") else svga_graph)(
+        adjacency = (svga_adjacency if conv_name.endswith("(cyclic)") else svga_graph)(
             batch_size, height, width, k)
     else:
         nodes = case["nodes"]
         adjacency = torch.randint(0, nodes, (2, case["edges"]))
+    if conv_name.endswith("(EdgeIndex)"):
+        adjacency = EdgeIndex(adjacency, sparse_size=(nodes, nodes)).sort_by("col")[0]
     conv = {
-        "CrossAttnConv": lambda: CrossAttnConv(channels, channels, heads=HEADS),
-        "CrossAttnConv (blocks)": lambda: CrossAttnConv(channels, channels, heads=HEADS),
+        "CrossAttnConv (edge_index)": lambda: CrossAttnConv(channels, channels, heads=HEADS),
+        "CrossAttnConv (EdgeIndex)": lambda: CrossAttnConv(channels, channels, heads=HEADS),
+        "CrossAttnConv (cyclic)": lambda: CrossAttnConv(channels, channels, heads=HEADS),
         "TransformerConv": lambda: TransformerConv(channels, channels // HEADS, heads=HEADS),
         # Self-loops off so that every conv sees the same edges.
         "GATv2Conv": lambda: GATv2Conv(channels, channels // HEADS, heads=HEADS,
@@ -73,14 +81,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3,
                         help="interleaved rounds; each (case, conv) runs once per round")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per run (best kept)")
-    parser.add_argument("--cases", default="abc")
+    parser.add_argument("--cases", default="abcd")
     parser.add_argument("--worker", nargs=2, metavar=("CASE", "CONV"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(*args.worker, args.repeats)
 
     runs = [(c, v) for c in args.cases for v in CONVS
-            if not (v.endswith("(blocks)") and "grid" not in CASES[c])]
+            if not (v.endswith("(cyclic)") and "grid" not in CASES[c])]
     best = {}
     for round_number in range(args.rounds):
         for case_name, conv_name in runs:
@@ -108,12 +116,15 @@ def main() -> None:
             "(see experiments/benchmarking.py). Same in/out channels (C) and 8 heads for "
             "every conv; GATv2Conv without added self-loops.\n\n" + table + "\n\n"
             "Where the difference comes from: CrossAttnConv has no softmax and normalises q and k "
-            "per node; in eager float32 it computes the per-edge scores with one gather + einsum "
-            "and the weighted sum over neighbours as a CSR sparse-dense product whose backward is "
-            "again sparse-dense products (attvig_pyg/nn/functional.py), so it keeps no "
+            "per node. On a plain edge_index it passes per-edge messages like every PyG conv (what "
+            "hooks and explainers see). On an EdgeIndex sorted by target (or a sparse adjacency), "
+            "PyG's rule sends it to message_and_aggregate: in eager float32 per-edge scores with "
+            "one gather + einsum and the weighted sum as CSR sparse-dense products whose backward "
+            "is again sparse-dense products (attvig_pyg/nn/functional.py), keeping no "
             "[edges, heads, head_dim] tensor for backward, where TransformerConv and GATv2Conv "
-            "keep several. On a BlockAdjacency the gathers become dense batched products inside "
-            "the SVGA blocks.")
+            "keep several. On a CyclicAdjacency there is no per-edge gather at all: complete "
+            "cycles (a, b) are scored as dense blocks in batched products, sparse ones (d) as one "
+            "shift per neighbour offset.")
     update_section("CrossAttnConv vs PyG attention convs", body)
     print(table)
 

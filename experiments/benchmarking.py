@@ -48,11 +48,29 @@ def measure(step: Callable[[], None], repeats: int) -> Dict[str, float]:
     return {"time_s": min(times), "peak_mib": (peak - before) / 1024}
 
 
-def multiply_adds(model: torch.nn.Module, size: int) -> float:
-    """Multiply-adds of one image (batch 1, eval mode): torch's FlopCounterMode total / 2."""
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model.eval()(torch.randn(1, 3, size, size))
-    return counter.get_total_flops() / 2
+def multiply_adds(model: torch.nn.Module, size) -> float:
+    """Multiply-adds of one image of ``size`` (an int or (height, width); batch 1, eval mode):
+    torch's FlopCounterMode total / 2, plus CrossAttnConv's aggregation over a CyclicAdjacency,
+    which runs as shifted elementwise products that FlopCounterMode (like fvcore, the paper's
+    counter) does not see: 2 per channel and candidate, for the score and the weighted sum."""
+    from attvig_pyg import CrossAttnConv
+    from attvig_pyg.adjacency import CyclicAdjacency
+
+    height, width = (size, size) if isinstance(size, int) else size
+    aggregation = []
+
+    def count(conv, inputs, _):
+        if isinstance(inputs[1], CyclicAdjacency):
+            aggregation.append(2 * conv.out_channels * inputs[1].num_candidates())
+    hooks = [module.register_forward_hook(count) for module in model.modules()
+             if isinstance(module, CrossAttnConv)]
+    try:
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            model.eval()(torch.randn(1, 3, height, width))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return counter.get_total_flops() / 2 + sum(aggregation)
 
 
 def run_isolated(script: Path, args: List[str]) -> Dict[str, float]:

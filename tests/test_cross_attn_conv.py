@@ -7,8 +7,10 @@ from conftest import requires_torch_sparse
 from reference import cross_attention
 
 from attvig_pyg import CrossAttnConv
-from attvig_pyg.adjacency import BlockAdjacency
+from attvig_pyg.adjacency import CyclicAdjacency, CyclicNeighbours
 from attvig_pyg.graphs import build_graph
+from torch_geometric import EdgeIndex
+from torch_geometric.explain.algorithm.utils import clear_masks, set_masks
 from torch_geometric.typing import SparseTensor
 from torch_geometric.utils import coalesce, to_torch_csr_tensor
 
@@ -21,13 +23,19 @@ def random_graph(num_src, num_dst, num_edges, dtype=torch.float64, channels=(8, 
     return x_src, x_dst, edge_index
 
 
-def make_conv(*args, path="fused", **kwargs):
+def make_conv(*args, **kwargs):
     conv = CrossAttnConv(*args, **kwargs).double()
     with torch.no_grad():  # a beta away from 1 so that a missing beta would show
         conv.log_beta.fill_(math.log(2.7))
-    if path == "propagate":  # an observer of message() makes the conv use propagate()
-        conv.register_message_forward_hook(lambda module, inputs, output: None)
     return conv
+
+
+def on_path(edge_index, num_src, num_dst, path):
+    """The adjacency that takes ``path``: a plain edge_index goes through propagate (per-edge
+    messages), an EdgeIndex sorted by target through the fused kernels (PyG's rule)."""
+    if path == "propagate":
+        return edge_index
+    return EdgeIndex(edge_index, sparse_size=(num_src, num_dst)).sort_by("col")[0]
 
 
 PATHS = ["fused", "propagate"]
@@ -39,8 +47,8 @@ PATHS = ["fused", "propagate"]
 def test_matches_reference_homogeneous(normalize, head_args, path):
     x, _, edge_index = random_graph(12, 12, 50)
     edge_index[:, :3] = torch.tensor([[5, 5, 5], [0, 0, 0]])  # repeated edges count repeatedly
-    conv = make_conv(8, 8, normalize=normalize, path=path, **head_args)
-    out = conv(x, edge_index)
+    conv = make_conv(8, 8, normalize=normalize, **head_args)
+    out = conv(x, on_path(edge_index, 12, 12, path))
     expected = cross_attention(conv, x, x, edge_index)
     assert (out - expected).abs().max() < 1e-9
 
@@ -50,8 +58,8 @@ def test_matches_reference_homogeneous(normalize, head_args, path):
 @pytest.mark.parametrize("heads", [1, 3])
 def test_matches_reference_bipartite(normalize, heads, path):
     x_src, x_dst, edge_index = random_graph(9, 5, 30, channels=(7, 4))
-    conv = make_conv((7, 4), 6, heads=heads, normalize=normalize, path=path)
-    out = conv((x_src, x_dst), edge_index)
+    conv = make_conv((7, 4), 6, heads=heads, normalize=normalize)
+    out = conv((x_src, x_dst), on_path(edge_index, 9, 5, path))
     assert out.shape == (5, 6)
     expected = cross_attention(conv, x_src, x_dst, edge_index)
     assert (out - expected).abs().max() < 1e-9
@@ -60,24 +68,27 @@ def test_matches_reference_bipartite(normalize, heads, path):
 @pytest.mark.parametrize("path", PATHS)
 def test_edge_permutation_invariance(path):
     x, _, edge_index = random_graph(20, 20, 120)
-    conv = make_conv(8, 16, heads=4, normalize="softmax", path=path)
+    conv = make_conv(8, 16, heads=4, normalize="softmax")
     perm = torch.randperm(edge_index.size(1))
-    out, (_, alpha) = conv(x, edge_index, return_attention_weights=True)
-    out_perm, (_, alpha_perm) = conv(x, edge_index[:, perm], return_attention_weights=True)
+    out, (edges, alpha) = conv(x, on_path(edge_index, 20, 20, path),
+                               return_attention_weights=True)
+    out_perm, (edges_perm, alpha_perm) = conv(x, on_path(edge_index[:, perm], 20, 20, path),
+                                              return_attention_weights=True)
     assert torch.allclose(out, out_perm, atol=1e-12)
-    assert torch.allclose(alpha[perm], alpha_perm, atol=1e-12)
+    by_edge = {tuple(e): a for e, a in zip(edges.t().tolist(), alpha)}  # no repeated edges here
+    assert all(torch.allclose(by_edge[tuple(e)], a, atol=1e-12)
+               for e, a in zip(edges_perm.t().tolist(), alpha_perm))
 
 
 @pytest.mark.parametrize("path", PATHS)
 def test_isolated_nodes_and_empty_graph(path):
     x, _, _ = random_graph(6, 6, 0)
-    conv = make_conv(8, 8, heads=2, normalize="mean", path=path)
-    edge_index = torch.tensor([[1, 2], [0, 0]])
-    out = conv(x, edge_index)
+    conv = make_conv(8, 8, heads=2, normalize="mean")
+    out = conv(x, on_path(torch.tensor([[1, 2], [0, 0]]), 6, 6, path))
     # Nodes 1..5 receive nothing: their aggregated message is zero.
     lonely = F.gelu(conv.lin_out(torch.cat([x[1:], torch.zeros(5, 8, dtype=x.dtype)], dim=-1)))
     assert torch.allclose(out[1:], lonely, atol=1e-12)
-    empty = conv(x, torch.empty(2, 0, dtype=torch.long))
+    empty = conv(x, on_path(torch.empty(2, 0, dtype=torch.long), 6, 6, path))
     lonely_all = F.gelu(conv.lin_out(torch.cat([x, torch.zeros(6, 8, dtype=x.dtype)], dim=-1)))
     assert torch.allclose(empty, lonely_all, atol=1e-12)
 
@@ -87,8 +98,8 @@ def test_isolated_nodes_and_empty_graph(path):
 def test_zero_features_are_finite(normalize, path):
     x = torch.zeros(5, 8, requires_grad=True)
     edge_index = torch.tensor([[0, 1, 2, 3, 4], [1, 2, 3, 4, 0]])
-    conv = make_conv(8, 8, heads=2, bias=False, normalize=normalize, path=path).float()
-    out = conv(x, edge_index)
+    conv = make_conv(8, 8, heads=2, bias=False, normalize=normalize).float()
+    out = conv(x, on_path(edge_index, 5, 5, path))
     out.sum().backward()
     assert torch.isfinite(out).all()
     assert torch.isfinite(x.grad).all()
@@ -109,7 +120,8 @@ def test_zero_features_finite_under_bfloat16_autocast():
 def test_gradcheck(path):
     x, _, edge_index = random_graph(6, 6, 14, channels=(4, 4))
     x.requires_grad_(True)
-    conv = make_conv(4, 4, heads=2, normalize="softmax", path=path)
+    edge_index = on_path(edge_index, 6, 6, path)
+    conv = make_conv(4, 4, heads=2, normalize="softmax")
     assert torch.autograd.gradcheck(lambda t: conv(t, edge_index), (x,))
     conv.normalize = "none"
     assert torch.autograd.gradcheck(lambda t: conv(t, edge_index), (x,))
@@ -147,8 +159,9 @@ def test_softmax_and_mean_weights_sum_as_documented():
 def test_torch_sparse_csr_matches_edge_index(path):
     x, _, edge_index = random_graph(25, 25, 150, dtype=torch.float32)
     edge_index = coalesce(edge_index)  # a sparse adjacency cannot hold repeated edges
-    conv = make_conv(8, 16, heads=4, path=path).float()
+    conv = make_conv(8, 16, heads=4).float()
     expected = conv(x, edge_index)
+    conv.fuse = path == "fused"  # PyG's switch: off, the sparse adjacency goes through message()
     adj = to_torch_csr_tensor(edge_index.flip(0), size=(25, 25))
     out, (adj_alpha, alpha) = conv(x, adj, return_attention_weights=True)
     assert torch.allclose(out, expected, atol=1e-6)
@@ -160,8 +173,9 @@ def test_torch_sparse_csr_matches_edge_index(path):
 def test_sparse_tensor_matches_edge_index(path):
     x, _, edge_index = random_graph(25, 25, 150, dtype=torch.float32)
     edge_index = coalesce(edge_index)  # a sparse adjacency cannot hold repeated edges
-    conv = make_conv(8, 16, heads=4, normalize="softmax", path=path).float()
+    conv = make_conv(8, 16, heads=4, normalize="softmax").float()
     expected = conv(x, edge_index)
+    conv.fuse = path == "fused"
     adj = SparseTensor.from_edge_index(edge_index.flip(0), sparse_sizes=(25, 25))
     out, adj_alpha = conv(x, adj, return_attention_weights=True)
     assert torch.allclose(out, expected, atol=1e-6)
@@ -181,13 +195,16 @@ def test_lazy_in_channels():
 @pytest.mark.parametrize("path", PATHS)
 def test_dropout_acts_on_attention_only_in_training(path):
     x, _, edge_index = random_graph(10, 10, 40, dtype=torch.float32)
-    conv = make_conv(8, 8, dropout=1.0, path=path).float()
-    conv.eval()
-    assert torch.allclose(conv(x, edge_index), conv(x, edge_index))
-    conv.train()
-    out = conv(x, edge_index)
+    edge_index = on_path(edge_index, 10, 10, path)
+    conv = make_conv(8, 8, dropout=1.0).float()
+    without_dropout = make_conv(8, 8, dropout=0.0).float()
+    without_dropout.load_state_dict(conv.state_dict())
     no_message = F.gelu(conv.lin_out(torch.cat([x, torch.zeros_like(x)], dim=-1)))
-    assert torch.allclose(out, no_message, atol=1e-6)
+    conv.eval()  # dropout off: the messages arrive
+    assert torch.allclose(conv(x, edge_index), without_dropout(x, edge_index), atol=1e-6)
+    assert not torch.allclose(conv(x, edge_index), no_message, atol=1e-3)
+    conv.train()  # every attention weight dropped: no message arrives
+    assert torch.allclose(conv(x, edge_index), no_message, atol=1e-6)
 
 
 def test_reset_parameters_resets():
@@ -233,25 +250,37 @@ def test_beta_learns_by_default():
 def test_fused_and_propagate_paths_agree_in_values_and_gradients():
     x, _, edge_index = random_graph(40, 40, 300)
     x.requires_grad_(True)
-    fused = make_conv(8, 16, heads=4, normalize="mean")
-    observed = make_conv(8, 16, heads=4, normalize="mean", path="propagate")
-    observed.load_state_dict(fused.state_dict())
+    conv = make_conv(8, 16, heads=4, normalize="mean")
     results = []
-    for conv in (fused, observed):
-        out = conv(x, edge_index)
+    for adjacency in (on_path(edge_index, 40, 40, "fused"), edge_index):
+        out = conv(x, adjacency)
         results.append([out, *torch.autograd.grad(out.square().sum(), [x, *conv.parameters()])])
     for a, b in zip(*results):
         assert (a - b).abs().max() < 1e-9
 
 
-def test_message_hooks_see_alpha():
+def test_which_path_runs_follows_pyg_rule():
+    """Per-edge messages (which hooks and explainers see) on a plain edge_index, or with
+    conv.fuse = False; message_and_aggregate on an EdgeIndex sorted by target."""
     x, _, edge_index = random_graph(10, 10, 40, dtype=torch.float32)
     conv = CrossAttnConv(8, 8, heads=2)
     seen = []
     conv.register_message_forward_hook(lambda module, inputs, output:
-                                       seen.append(inputs[0]["alpha"].shape))
+                                       seen.append(("message", inputs[0]["alpha"].shape)))
+    conv.register_message_and_aggregate_forward_hook(lambda module, inputs, output:
+                                                     seen.append(("fused", output.shape)))
+    sorted_edges = on_path(edge_index, 10, 10, "fused")
     conv(x, edge_index)
-    assert seen == [(40, 2)]
+    conv(x, sorted_edges)
+    conv.fuse = False
+    conv(x, sorted_edges)
+    assert seen == [("message", (40, 2)), ("fused", (10, 2, 4)), ("message", (40, 2))]
+    conv.fuse = True
+    set_masks(conv, torch.ones(40), sorted_edges, apply_sigmoid=False)  # as explainers do
+    seen.clear()
+    conv(x, sorted_edges)
+    clear_masks(conv)
+    assert [kind for kind, _ in seen] == ["message"]
 
 
 def test_repr():
@@ -264,7 +293,8 @@ def test_repr():
     ({"head_dim": 5}, "multiple of 'head_dim'"),
     ({"heads": 2, "head_dim": 4}, "not both"),
     ({"normalize": "sigmoid"}, "Unknown 'normalize' mode 'sigmoid'"),
-    ({"beta_init": 0.0}, "'beta_init' must be positive"),
+    ({"beta_init": 0.0}, "'beta_init' must be a positive finite number"),
+    ({"beta_init": float("nan")}, "'beta_init' must be a positive finite number"),
 ])
 def test_bad_construction(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -291,6 +321,8 @@ def test_bad_inputs():
         conv(x, good.float())
     with pytest.raises(ValueError, match="sparse adjacency of size \\[5, 5\\]"):
         conv(x, to_torch_csr_tensor(good, size=(6, 6)))
+    with pytest.raises(TypeError, match="or CyclicAdjacency \\(got list\\)"):
+        conv(x, [[0, 1], [1, 2]])
 
 
 def test_no_graph_break_under_dynamo():
@@ -310,59 +342,91 @@ def test_compiled_matches_eager():
     assert torch.allclose(compiled(x, edge_index), conv(x, edge_index), atol=1e-5)
 
 
-BLOCK_GRIDS = [(2, 8, 8, 2), (3, 7, 10, 3), (2, 5, 6, (2, 4)), (1, 1, 1, 1)]
+# (batch, height, width, K): K divides the grid, does not, per-axis K, degenerate grids.
+CYCLIC_GRIDS = [(1, 80, 80, 11), (3, 128, 96, (18, 13)), (3, 7, 5, 3), (1, 1, 1, 1),
+                (3, 8, 8, 2), (1, 6, 10, (2, 4))]
 
 
 @pytest.mark.parametrize("policy", ["svga", "dagc"])
 @pytest.mark.parametrize("normalize", ["none", "softmax", "mean"])
-@pytest.mark.parametrize("self_loops", [False, True])
-def test_block_adjacency_equals_edge_index(policy, normalize, self_loops):
-    for batch_size, height, width, k in BLOCK_GRIDS:
-        conv = make_conv(8, 8, heads=2, normalize=normalize)
-        x = torch.randn(batch_size * height * width, 8, dtype=torch.float64, requires_grad=True)
-        blocks = build_graph(policy, x.detach(), k=k, self_loops=self_loops, blocks=True,
-                             grid_size=(height, width))
-        out, (edges, alpha) = conv(x, blocks, return_attention_weights=True)
-        expected, (_, expected_alpha) = conv(x, blocks.to_edge_index(),
-                                             return_attention_weights=True)
-        assert torch.equal(edges, blocks.to_edge_index())
+@pytest.mark.parametrize("heads", [1, 8])
+def test_cyclic_adjacency_equals_its_edge_index(policy, normalize, heads):
+    """Forward, every returned weight and the gradients of the input and of every parameter, in
+    float64, on grids where K divides the size and where it does not, with and without
+    self-loops."""
+    for (batch_size, height, width, k), self_loops in zip(CYCLIC_GRIDS * 2,
+                                                         [False] * 6 + [True] * 6):
+        if height * width > 1000 and self_loops:
+            continue  # the large grids once per combination are enough
+        conv = make_conv(16, 16, heads=heads, normalize=normalize)
+        x = torch.randn(batch_size * height * width, 16, dtype=torch.float64, requires_grad=True)
+        adjacency = build_graph(policy, x.detach(), k=k, self_loops=self_loops, cyclic=True,
+                                grid_size=(height, width))
+        edge_index = adjacency.to_edge_index()
+        out, (edges, alpha) = conv(x, adjacency, return_attention_weights=True)
+        expected, (_, expected_alpha) = conv(x, edge_index, return_attention_weights=True)
+        assert torch.equal(edges, edge_index)
         assert (out - expected).abs().max() < 1e-9
-        assert alpha.shape == expected_alpha.shape
+        assert alpha.shape == expected_alpha.shape == (edge_index.size(1), heads)
         assert alpha.numel() == 0 or (alpha - expected_alpha).abs().max() < 1e-9
-        grads = torch.autograd.grad(out.sum(), [x, conv.log_beta, conv.lin_key.weight])
-        expected_grads = torch.autograd.grad(expected.sum(), [x, conv.log_beta,
-                                                              conv.lin_key.weight])
+        inputs = [x, *conv.parameters()]
+        grads = torch.autograd.grad(out.square().sum(), inputs, materialize_grads=True)
+        expected_grads = torch.autograd.grad(expected.square().sum(), inputs,
+                                             materialize_grads=True)
         for grad, expected_grad in zip(grads, expected_grads):
             assert (grad - expected_grad).abs().max() < 1e-9
 
 
-def test_block_adjacency_dropout_only_in_training():
+def test_cyclic_adjacency_matches_the_reference():
+    """Against the per-node loop of tests/reference.py, a masked part included."""
+    x = torch.randn(12, 8, dtype=torch.float64)
+    mask = torch.rand(3, 4, 2) > 0.3
+    adjacency = CyclicAdjacency([CyclicNeighbours(torch.randperm(12).view(3, 4), (1, 3), mask),
+                                 CyclicNeighbours(torch.arange(12).view(2, 6), (0, 2))], 12)
+    for normalize in ("none", "softmax", "mean"):
+        conv = make_conv(8, 8, heads=2, normalize=normalize)
+        expected = cross_attention(conv, x, x, adjacency.to_edge_index())
+        assert (conv(x, adjacency) - expected).abs().max() < 1e-9
+
+
+def test_softmax_at_large_beta_is_finite_and_sums_to_one_on_every_path():
+    x = torch.randn(2 * 9 * 11, 16, dtype=torch.float64)
+    adjacency = build_graph("svga", x, k=(2, 3), cyclic=True, grid_size=(9, 11))
+    edge_index = adjacency.to_edge_index()
+    conv = make_conv(16, 16, heads=4, normalize="softmax")
+    with torch.no_grad():
+        conv.log_beta.fill_(math.log(200.0))
+    for adjacency_form in (adjacency, edge_index, on_path(edge_index, 198, 198, "fused")):
+        out, (edges, alpha) = conv(x, adjacency_form, return_attention_weights=True)
+        assert torch.isfinite(out).all() and torch.isfinite(alpha).all()
+        per_node = torch.zeros(198, 4, dtype=alpha.dtype).index_add_(0, edges[1], alpha)
+        assert (per_node - 1).abs().max() < 1e-12
+
+
+def test_cyclic_adjacency_dropout_only_in_training():
     x = torch.randn(2 * 36, 8)
-    blocks = build_graph("svga", x, k=2, blocks=True, grid_size=(6, 6))
+    adjacency = build_graph("svga", x, k=2, cyclic=True, grid_size=(6, 6))
     conv = CrossAttnConv(8, 8, dropout=1.0)
     no_message = F.gelu(conv.lin_out(torch.cat([x, torch.zeros_like(x)], dim=-1)))
-    assert torch.allclose(conv(x, blocks), no_message, atol=1e-6)
+    assert torch.allclose(conv(x, adjacency), no_message, atol=1e-6)
     conv.eval()
-    assert torch.allclose(conv(x, blocks), conv(x, blocks.to_edge_index()), atol=1e-6)
+    assert torch.allclose(conv(x, adjacency), conv(x, adjacency.to_edge_index()), atol=1e-6)
+    assert not torch.allclose(conv(x, adjacency), no_message, atol=1e-3)
 
 
-def test_block_adjacency_bad_input():
+def test_cyclic_adjacency_bad_input():
     conv = CrossAttnConv(8, 8)
-    blocks = build_graph("svga", torch.randn(36, 8), k=2, blocks=True, grid_size=(6, 6))
+    adjacency = build_graph("svga", torch.randn(36, 8), k=2, cyclic=True, grid_size=(6, 6))
     with pytest.raises(ValueError, match="graph on 36 nodes, but the node features hold 30"):
-        conv(torch.randn(30, 8), blocks)
+        conv(torch.randn(30, 8), adjacency)
     with pytest.raises(ValueError, match="single node feature tensor"):
-        CrossAttnConv((8, 8), 8)((torch.randn(36, 8), torch.randn(36, 8)), blocks)
-    bad = BlockAdjacency(parts=((torch.tensor([[0, 40]]), torch.ones(2, 2, dtype=torch.bool)),),
-                         num_nodes=36)
-    with pytest.raises(IndexError, match="outside \\[0, 35\\]"):
-        conv(torch.randn(36, 8), bad)
+        CrossAttnConv((8, 8), 8)((torch.randn(36, 8), torch.randn(36, 8)), adjacency)
 
 
-def test_block_adjacency_no_graph_break_under_dynamo():
+def test_cyclic_adjacency_no_graph_break_under_dynamo():
     conv = CrossAttnConv(8, 16, heads=4)
     x = torch.randn(2 * 48, 8)
-    blocks = build_graph("svga", x, k=2, blocks=True, grid_size=(6, 8))
+    adjacency = build_graph("dagc", x, k=2, cyclic=True, grid_size=(6, 8))
     torch._dynamo.reset()
-    explanation = torch._dynamo.explain(conv)(x, blocks)
+    explanation = torch._dynamo.explain(conv)(x, adjacency)
     assert explanation.graph_break_count == 0, explanation.break_reasons

@@ -2,8 +2,10 @@ import pytest
 import torch
 
 from attvig_pyg import MaxRelativeConv
-from attvig_pyg.graphs import (BlockAdjacency, build_graph, dagc_blocks, dagc_graph, knn_graph,
-                               svga_blocks, svga_graph)
+from torch_geometric import EdgeIndex
+
+from attvig_pyg.graphs import (CyclicAdjacency, CyclicNeighbours, build_graph, dagc_adjacency,
+                               dagc_graph, knn_graph, svga_adjacency, svga_graph)
 from attvig_pyg.graphs.knn import _chunks
 
 GRIDS = [(1, 4, 4, 2), (5, 6, 9, 2), (5, 7, 5, 3), (1, 12, 10, 4)]  # batch, height, width, K
@@ -67,7 +69,7 @@ def test_svga_degenerate_grids():
 def test_svga_is_cached_and_batched_by_offsets():
     first = svga_graph(4, 8, 8, 2)
     assert svga_graph(4, 8, 8, 2) is first
-    assert svga_blocks(4, 8, 8, 2) is svga_blocks(4, 8, 8, (2, 2))
+    assert svga_adjacency(4, 8, 8, 2) is svga_adjacency(4, 8, 8, (2, 2))
     single = svga_graph(1, 8, 8, 2)
     per_image = first.size(1) // 4
     for b in range(4):
@@ -204,17 +206,62 @@ def test_build_graph_dispatches_to_the_builders():
     nodes = x.permute(0, 2, 3, 1).reshape(-1, 4)
     assert torch.equal(build_graph("knn", nodes, k=3, grid_size=(6, 8)), knn_graph(x, 3))
     assert torch.equal(build_graph("svga", nodes, k=2, grid_size=(6, 8)), svga_graph(2, 6, 8, 2))
-    assert isinstance(build_graph("svga", x, k=2, blocks=True), BlockAdjacency)
-    assert isinstance(build_graph("dagc", x, k=2, blocks=True), BlockAdjacency)
+    assert isinstance(build_graph("svga", x, k=2, cyclic=True), CyclicAdjacency)
+    assert isinstance(build_graph("dagc", x, k=2, cyclic=True), CyclicAdjacency)
 
 
-@pytest.mark.parametrize("batch_size, height, width, k", GRIDS)
-def test_block_forms_equal_the_edge_index(batch_size, height, width, k):
+# Grids where K divides the size and where it does not (one cycle per axis, or a few).
+CYCLIC_GRIDS = GRIDS + [(1, 80, 80, 11), (2, 128, 96, (18, 13)), (3, 7, 5, 3), (1, 1, 1, 1),
+                        (2, 20, 30, (6, 4)), (1, 200, 304, (28, 43))]
+
+
+@pytest.mark.parametrize("batch_size, height, width, k", CYCLIC_GRIDS)
+@pytest.mark.parametrize("self_loops", [False, True])
+def test_cyclic_forms_equal_the_roll_definition(batch_size, height, width, k, self_loops):
+    adjacency = svga_adjacency(batch_size, height, width, k, self_loops=self_loops)
+    edges = adjacency.to_edge_index()
+    assert edge_list(edges) == roll_svga(batch_size, height, width, k, self_loops)
+    assert adjacency.num_edges() == edges.size(1) == adjacency.num_candidates()
+    assert adjacency.density() == 1.0
     x = torch.randn(batch_size, 4, height, width)
-    blocks = svga_blocks(batch_size, height, width, k, self_loops=True)
-    assert edge_list(blocks.to_edge_index()) == roll_svga(batch_size, height, width, k, True)
-    assert blocks.num_edges() == blocks.to_edge_index().size(1)
-    assert edge_list(dagc_blocks(x, k).to_edge_index()) == edge_list(dagc_graph(x, k))
+    dagc = dagc_adjacency(x, k, self_loops=self_loops)
+    assert edge_list(dagc.to_edge_index()) == edge_list(dagc_graph(x, k, self_loops=self_loops))
+    assert dagc.num_candidates() == adjacency.num_candidates()
+    assert dagc.num_edges() == dagc.to_edge_index().size(1)
+
+
+def test_cyclic_candidates_cost_what_the_graph_has_at_any_size():
+    """The structured form scores exactly the SVGA candidates: as many per node at every size
+    (no dense blocks where K does not divide the grid)."""
+    for height, width in ((56, 56), (80, 80), (200, 304), (128, 128), (334, 200)):
+        k = (max(1, height // 7), max(1, width // 7))
+        adjacency = svga_adjacency(1, height, width, k)
+        per_node = adjacency.num_candidates() / (height * width)
+        assert per_node == len(range(k[0], height, k[0])) + len(range(k[1], width, k[1]))
+        assert 12 <= per_node <= 14
+
+
+def test_cyclic_edge_order_is_part_then_row_major():
+    cycles = torch.tensor([[0, 1, 2], [3, 4, 5]])
+    mask = torch.ones(2, 3, 2, dtype=torch.bool)
+    mask[0, 1, 0] = False
+    adjacency = CyclicAdjacency([CyclicNeighbours(cycles, (1, 2), mask),
+                                 CyclicNeighbours(torch.tensor([[0, 3]]), (1,))], num_nodes=6)
+    # Node cycles[p, t] receives from cycles[p, (t - o) % 3], offsets in order, masked skipped.
+    assert adjacency.to_edge_index().t().tolist() == [
+        [2, 0], [1, 0], [2, 1], [1, 2], [0, 2], [5, 3], [4, 3], [3, 4], [5, 4], [4, 5], [3, 5],
+        [3, 0], [0, 3]]
+    assert adjacency.num_edges() == 13 and adjacency.num_candidates() == 14
+    assert adjacency.density() == 13 / 14
+    assert "CyclicAdjacency(num_nodes=6" in repr(adjacency)
+
+
+def test_knn_is_an_edge_index_sorted_by_target():
+    edges = knn_graph(torch.randn(2, 4, 5, 5), 3)
+    assert isinstance(edges, EdgeIndex) and edges.is_sorted_by_col
+    assert edges.sparse_size() == (50, 50)
+    assert torch.equal(edges[1].as_subclass(torch.Tensor),
+                       torch.arange(50).repeat_interleave(3))
 
 
 def test_bad_input():
@@ -241,8 +288,26 @@ def test_bad_input():
         knn_graph(x, 3, relative_pos=torch.zeros(35, 35))
     with pytest.raises(ValueError, match="Unknown graph policy 'grid'"):
         build_graph("grid", x, k=2)
-    with pytest.raises(ValueError, match="no block form"):
-        build_graph("knn", x, k=2, blocks=True)
-    with pytest.raises(ValueError, match="boolean mask of shape"):
-        BlockAdjacency(parts=((torch.zeros(3, 4, dtype=torch.long), torch.ones(3, 3).bool()),),
-                       num_nodes=12)
+    with pytest.raises(ValueError, match="no cyclic form"):
+        build_graph("knn", x, k=2, cyclic=True)
+
+
+def test_bad_cyclic_adjacency():
+    cycles = torch.zeros(3, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"'mask' as a bool tensor of shape \[3, 4, 2\]"):
+        CyclicNeighbours(cycles, (1, 2), torch.ones(3, 4).bool())
+    with pytest.raises(ValueError, match="'mask' as a bool tensor"):
+        CyclicNeighbours(cycles, (1, 2), torch.ones(3, 4, 2))
+    with pytest.raises(ValueError, match="distinct ints modulo the cycle length 4"):
+        CyclicNeighbours(cycles, (1, 5))
+    with pytest.raises(ValueError, match="'cycles' as a long tensor"):
+        CyclicNeighbours(cycles.float(), (1,))
+    with pytest.raises(IndexError, match=r"node ids in \[0, 12\], outside \[0, 11\]"):
+        CyclicAdjacency([CyclicNeighbours(torch.arange(13).view(1, -1), (1,))], num_nodes=12)
+    with pytest.raises(ValueError, match="'num_nodes' as an int >= 0"):
+        CyclicAdjacency([], num_nodes=-1)
+    with pytest.raises(TypeError, match="'parts' as CyclicNeighbours"):
+        CyclicAdjacency([(cycles, None)], num_nodes=12)
+    adjacency = svga_adjacency(1, 4, 4, 2)
+    with pytest.raises(ValueError, match="Expected 2 masks, one per part"):
+        adjacency.with_masks([None])

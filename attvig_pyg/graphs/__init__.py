@@ -7,17 +7,17 @@ from typing import Union
 
 from torch import Tensor
 
-from attvig_pyg.adjacency import BlockAdjacency
-from attvig_pyg.graphs.dagc import dagc_blocks, dagc_graph, dagc_threshold
+from attvig_pyg.adjacency import CyclicAdjacency, CyclicNeighbours
+from attvig_pyg.graphs.dagc import dagc_adjacency, dagc_graph, dagc_threshold
 from attvig_pyg.graphs.grid import as_feature_map
 from attvig_pyg.graphs.knn import knn_graph
-from attvig_pyg.graphs.svga import svga_blocks, svga_graph
+from attvig_pyg.graphs.svga import svga_adjacency, svga_graph
 
 GRAPH_POLICIES = ("svga", "dagc", "knn")
 
 
-def build_graph(name: str, x: Tensor, *, blocks: bool = False,
-                **params) -> Union[Tensor, BlockAdjacency]:
+def build_graph(name: str, x: Tensor, *, cyclic: bool = False,
+                **params) -> Union[Tensor, CyclicAdjacency]:
     """The graph of policy ``name`` for the feature map ``x`` ``[B, C, H, W]`` (or node features
     with ``grid_size=(H, W)``), the one entry point a model needs.
 
@@ -25,23 +25,24 @@ def build_graph(name: str, x: Tensor, *, blocks: bool = False,
         name: ``"svga"`` (:func:`svga_graph`; ``x`` only gives the sizes and the device),
             ``"dagc"`` (:func:`dagc_graph`) or ``"knn"`` (:func:`knn_graph`).
         x: The features the graph is for.
-        blocks: Return the :class:`~attvig_pyg.adjacency.BlockAdjacency` form instead of an
-            ``edge_index`` (SVGA and DAGC only).
+        cyclic: Return the :class:`~attvig_pyg.adjacency.CyclicAdjacency` form instead of an
+            ``edge_index`` (SVGA and DAGC only; kNN returns an ``EdgeIndex`` sorted by target).
         **params: The builder's own arguments (``k``, ``self_loops``, ``dilation``, ...).
     """
     if name not in GRAPH_POLICIES:
         raise ValueError(f"Unknown graph policy '{name}' (expected one of "
                          f"{', '.join(GRAPH_POLICIES)})")
     if name == "knn":
-        if blocks:
-            raise ValueError("The kNN graph has no block form; use its edge_index (blocks=False)")
+        if cyclic:
+            raise ValueError("The kNN graph has no cyclic form; use its edge_index (cyclic=False)")
         return knn_graph(x, **params)
     if name == "dagc":
-        return (dagc_blocks if blocks else dagc_graph)(x, **params)
+        return (dagc_adjacency if cyclic else dagc_graph)(x, **params)
     batch_size, _, height, width = as_feature_map(x, params.pop("grid_size", None)).shape
-    return (svga_blocks if blocks else svga_graph)(batch_size, height, width,
-                                                   device=x.device, **params)
+    return (svga_adjacency if cyclic else svga_graph)(batch_size, height, width,
+                                                      device=x.device, **params)
 
 
-__all__ = ["BlockAdjacency", "GRAPH_POLICIES", "build_graph", "dagc_blocks", "dagc_graph",
-           "dagc_threshold", "knn_graph", "svga_blocks", "svga_graph"]
+__all__ = ["CyclicAdjacency", "CyclicNeighbours", "GRAPH_POLICIES", "build_graph",
+           "dagc_adjacency", "dagc_graph", "dagc_threshold", "knn_graph", "svga_adjacency",
+           "svga_graph"]

@@ -4,8 +4,9 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from attvig_pyg.adjacency import BlockAdjacency
-from attvig_pyg.graphs.grid import IntOrPair, as_feature_map, as_pair, axial_parts, batch_parts
+from attvig_pyg.adjacency import CyclicAdjacency
+from attvig_pyg.graphs.grid import IntOrPair, as_feature_map
+from attvig_pyg.graphs.svga import svga_adjacency
 
 
 @torch.no_grad()
@@ -20,24 +21,26 @@ def dagc_threshold(x: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def dagc_blocks(x: Tensor, k: IntOrPair, *, self_loops: bool = False,
-                grid_size: Optional[Tuple[int, int]] = None) -> BlockAdjacency:
-    """The DAGC graph of :func:`dagc_graph` as a :class:`~attvig_pyg.adjacency.BlockAdjacency`
-    (SVGA's blocks with a per-block mask)."""
+def dagc_adjacency(x: Tensor, k: IntOrPair, *, self_loops: bool = False,
+                   grid_size: Optional[Tuple[int, int]] = None) -> CyclicAdjacency:
+    """The DAGC graph of :func:`dagc_graph` as a :class:`~attvig_pyg.adjacency.CyclicAdjacency`:
+    SVGA's candidates (:func:`~attvig_pyg.graphs.svga_adjacency`) with a mask per candidate."""
     x = as_feature_map(x, grid_size)
     batch_size, channels, height, width = x.shape
     threshold = dagc_threshold(x)
+    candidates = svga_adjacency(batch_size, height, width, k, self_loops=self_loops,
+                                device=x.device)
     nodes = x.permute(0, 2, 3, 1).reshape(-1, channels)
-    parts = []
-    candidate_parts = axial_parts(height, width, as_pair(k, "k"), self_loops)
-    for index, candidates in batch_parts(candidate_parts, batch_size, height * width, x.device):
-        members = nodes[index]                                     # [blocks, S, C]
-        distance = torch.cdist(members, members, p=1)             # [blocks, S, S]
-        close = distance < threshold[index[:, 0] // (height * width)].view(-1, 1, 1)
-        # Self-loops (the candidates' diagonal, if asked for) are kept unconditionally.
-        close |= torch.eye(index.size(1), dtype=torch.bool, device=x.device)
-        parts.append((index, candidates & close))
-    return BlockAdjacency(parts=tuple(parts), num_nodes=batch_size * height * width)
+    masks = []
+    for part in candidates.parts:
+        features = nodes[part.cycles]                                  # [cycles, T, C]
+        limit = threshold[part.cycles[:, :1] // (height * width)]     # a cycle's image
+        # Self-loops (offset 0) are kept unconditionally.
+        kept = [(features - features.roll(offset, dims=1)).abs().sum(dim=-1) < limit if offset
+                else torch.ones_like(part.cycles, dtype=torch.bool) for offset in part.offsets]
+        masks.append(torch.stack(kept, dim=-1) if kept else
+                     torch.zeros(*part.cycles.shape, 0, dtype=torch.bool, device=x.device))
+    return candidates.with_masks(masks)
 
 
 def dagc_graph(x: Tensor, k: IntOrPair, *, self_loops: bool = False,
@@ -60,4 +63,4 @@ def dagc_graph(x: Tensor, k: IntOrPair, *, self_loops: bool = False,
     Returns:
         LongTensor :obj:`[2, num_edges]`.
     """
-    return dagc_blocks(x, k, self_loops=self_loops, grid_size=grid_size).to_edge_index()
+    return dagc_adjacency(x, k, self_loops=self_loops, grid_size=grid_size).to_edge_index()

@@ -1,4 +1,4 @@
-"""What every image-grid builder shares: argument checks, node numbering and axial blocks.
+"""What every image-grid builder shares: argument checks, node numbering and axial cycles.
 
 Node (h, w) of image b has id ``b * H * W + h * W + w``; ``edge_index[0]`` is the neighbour that
 sends, ``edge_index[1]`` the node that receives (PyG's ``source_to_target`` flow).
@@ -8,6 +8,8 @@ from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor
+
+from attvig_pyg.adjacency import CyclicNeighbours
 
 IntOrPair = Union[int, Tuple[int, int]]
 
@@ -43,46 +45,36 @@ def as_feature_map(x: Tensor, grid_size: Optional[Tuple[int, int]] = None) -> Te
                      f"(got a tensor of shape {tuple(x.shape)} and grid_size={grid_size})")
 
 
-def axis_blocks(length: int, step: int, self_loops: bool) -> Tuple[Tensor, Tensor]:
-    """The candidates along one axis of a cyclic grid, as dense blocks.
+def axis_cycles(length: int, step: int, self_loops: bool) -> Tuple[Tensor, Tuple[int, ...]]:
+    """The candidates along one axis of a cyclic grid, as cycles and offsets.
 
     Position p receives from ``(p - s) mod length`` for ``s = step, 2 * step, ... < length``
-    (and from itself if ``self_loops``). Those positions share p's residue modulo
-    ``g = gcd(length, step)``, so the axis splits into g blocks of ``length // g`` positions with
-    every candidate pair inside a block. Returns ``positions [g, length // g]`` (block r holds
-    ``r, r + g, r + 2g, ...``) and ``mask [length // g, length // g]`` with ``mask[i, j]`` true where
-    block slot j sends to slot i. When ``step`` divides ``length``, a block is complete.
+    (and from itself if ``self_loops``). With ``g = gcd(length, step)`` the axis splits into g
+    cycles of ``length // g`` positions, cycle r visiting ``r, r + step, r + 2 * step, ...``
+    (mod length): p's candidates are the positions 1, 2, ... places behind it in its cycle.
+    Returns ``cycles [g, length // g]`` and the offsets (0 first for the self-loop).
     """
     groups = math.gcd(length, step)
-    size = length // groups
-    positions = torch.arange(length).view(size, groups).t()
-    slots = torch.arange(size)
-    shift = ((slots.view(-1, 1) - slots.view(1, -1)) * groups) % length
-    mask = (shift > 0) & (shift % step == 0)
-    if self_loops:
-        mask |= shift == 0
-    return positions.contiguous(), mask
+    cycles = (torch.arange(groups).view(-1, 1) +
+              torch.arange(length // groups).view(1, -1) * step) % length
+    offsets = tuple(range(0 if self_loops else 1, len(range(step, length, step)) + 1))
+    return cycles, offsets
 
 
-def axial_parts(height: int, width: int, steps: Tuple[int, int],
-                self_loops: bool) -> Tuple[Tuple[Tensor, Tensor], ...]:
-    """The column part and the row part of one image's axial graph as ``(index, mask)`` blocks.
-
-    Self-loops, if asked for, go into the column part only, so that every node has exactly one.
-    """
-    along_h, mask_h = axis_blocks(height, steps[0], self_loops)
-    along_w, mask_w = axis_blocks(width, steps[1], False)
-    # Column part, blocks ordered (w, r): node along_h[r, t] * W + w.
-    column_index = along_h.view(1, *along_h.shape) * width + torch.arange(width).view(-1, 1, 1)
-    # Row part, blocks ordered (h, r): node h * W + along_w[r, t].
-    row_index = torch.arange(height).view(-1, 1, 1) * width + along_w.view(1, *along_w.shape)
-    return (column_index.flatten(0, 1), mask_h), (row_index.flatten(0, 1), mask_w)
-
-
-def batch_parts(parts, batch_size: int, nodes_per_image: int,
-                device: Optional[torch.device] = None) -> Tuple[Tuple[Tensor, Tensor], ...]:
-    """One image's ``(index, mask)`` blocks repeated for a batch: image b's ids offset by
-    ``b * nodes_per_image``, blocks ordered image-major."""
-    offsets = torch.arange(batch_size).view(-1, 1, 1) * nodes_per_image
-    return tuple(((index.unsqueeze(0) + offsets).flatten(0, 1).to(device), mask.to(device))
-                 for index, mask in parts)
+def axial_parts(batch_size: int, height: int, width: int, steps: Tuple[int, int],
+                self_loops: bool,
+                device: Optional[torch.device] = None) -> Tuple[CyclicNeighbours, ...]:
+    """The column part and the row part of a batch's axial graph (a part may have no
+    candidates). Self-loops, if asked for, go into the column part only, so that every node has
+    exactly one."""
+    along_h, offsets_h = axis_cycles(height, steps[0], self_loops)
+    along_w, offsets_w = axis_cycles(width, steps[1], False)
+    image = torch.arange(batch_size).view(-1, 1, 1, 1) * (height * width)
+    # Column cycles, ordered (image, column, cycle): node b*H*W + h*W + w for h along the cycle.
+    columns = image + along_h.view(1, 1, *along_h.shape) * width + \
+        torch.arange(width).view(1, -1, 1, 1)
+    # Row cycles, ordered (image, row, cycle): node b*H*W + h*W + w for w along the cycle.
+    rows = image + torch.arange(height).view(1, -1, 1, 1) * width + \
+        along_w.view(1, 1, *along_w.shape)
+    return (CyclicNeighbours(columns.flatten(0, 2).to(device), offsets_h),
+            CyclicNeighbours(rows.flatten(0, 2).to(device), offsets_w))

@@ -4,6 +4,7 @@ from typing import Iterator, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch_geometric import EdgeIndex
 
 from attvig_pyg.graphs.grid import as_feature_map
 
@@ -14,7 +15,7 @@ DEFAULT_MEMORY_BUDGET = 256 * 2**20
 def knn_graph(x: Tensor, k: int, *, dilation: int = 1, self_loops: bool = True,
               relative_pos: Optional[Tensor] = None, stochastic_epsilon: float = 0.0,
               memory_budget: int = DEFAULT_MEMORY_BUDGET,
-              grid_size: Optional[Tuple[int, int]] = None) -> Tensor:
+              grid_size: Optional[Tuple[int, int]] = None) -> EdgeIndex:
     r"""Vision GNN's dilated kNN edges, within each image, computed without gradient.
 
     Features are L2-normalised over channels; the distance between nodes i and j of one image is
@@ -41,7 +42,9 @@ def knn_graph(x: Tensor, k: int, *, dilation: int = 1, self_loops: bool = True,
         grid_size ((int, int), optional): (H, W) when :obj:`x` holds node features.
 
     Returns:
-        LongTensor :obj:`[2, B * H * W * k]`, grouped by receiving node.
+        :class:`~torch_geometric.EdgeIndex` :obj:`[2, B * H * W * k]` (a LongTensor), grouped by
+        receiving node and marked as sorted by target, so that convs with fused message passing
+        (:class:`~attvig_pyg.nn.CrossAttnConv`) take their fused path on it.
     """
     x = as_feature_map(x, grid_size)
     batch_size, channels, height, width = x.shape
@@ -78,7 +81,9 @@ def knn_graph(x: Tensor, k: int, *, dilation: int = 1, self_loops: bool = True,
     offsets = (torch.arange(batch_size, device=x.device) * nodes).view(-1, 1, 1)
     source = nearest + offsets
     target = (torch.arange(nodes, device=x.device).view(1, -1, 1) + offsets).expand_as(source)
-    return torch.stack([source.reshape(-1), target.reshape(-1)])
+    edges = torch.stack([source.reshape(-1), target.reshape(-1)])
+    return EdgeIndex(edges, sparse_size=(batch_size * nodes, batch_size * nodes),
+                     sort_order="col")
 
 
 def _chunks(batch_size: int, nodes: int, element_size: int,

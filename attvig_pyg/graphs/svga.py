@@ -5,19 +5,21 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from attvig_pyg.adjacency import BlockAdjacency
-from attvig_pyg.graphs.grid import IntOrPair, as_pair, axial_parts, batch_parts
+from attvig_pyg.adjacency import CyclicAdjacency
+from attvig_pyg.graphs.grid import IntOrPair, as_pair, axial_parts
 
 
-def svga_blocks(batch_size: int, height: int, width: int, k: IntOrPair, *,
-                self_loops: bool = False,
-                device: Optional[torch.device] = None) -> BlockAdjacency:
-    """The SVGA graph as a :class:`~attvig_pyg.adjacency.BlockAdjacency` (the form that
-    :class:`~attvig_pyg.nn.CrossAttnConv` aggregates with batched matrix products).
+def svga_adjacency(batch_size: int, height: int, width: int, k: IntOrPair, *,
+                   self_loops: bool = False,
+                   device: Optional[torch.device] = None) -> CyclicAdjacency:
+    """The SVGA graph as a :class:`~attvig_pyg.adjacency.CyclicAdjacency` (the form that
+    :class:`~attvig_pyg.nn.CrossAttnConv` aggregates at a cost proportional to its edges): per
+    column and per row, cycles of positions K apart, every node receiving from the 1, 2, ...
+    places behind it.
 
     Arguments as in :func:`svga_graph`. Cached like it; the returned tensors are shared.
     """
-    return _svga_blocks(*_cache_key(batch_size, height, width, k, self_loops, device))
+    return _svga_adjacency(*_cache_key(batch_size, height, width, k, self_loops, device))
 
 
 def svga_graph(batch_size: int, height: int, width: int, k: IntOrPair, *,
@@ -52,24 +54,13 @@ def _cache_key(batch_size, height, width, k, self_loops, device):
 
 
 @functools.lru_cache(maxsize=32)
-def _image_parts(height, width, k, self_loops):
-    return axial_parts(height, width, k, self_loops)
-
-
-@functools.lru_cache(maxsize=32)
-def _svga_blocks(batch_size, height, width, k, self_loops, device) -> BlockAdjacency:
-    parts = batch_parts(_image_parts(height, width, k, self_loops), batch_size, height * width,
-                        device)
-    return BlockAdjacency(parts=parts, num_nodes=batch_size * height * width)
-
-
-@functools.lru_cache(maxsize=32)
-def _image_edges(height, width, k, self_loops, device) -> Tensor:
-    return _svga_blocks(1, height, width, k, self_loops, device).to_edge_index()
+def _svga_adjacency(batch_size, height, width, k, self_loops, device) -> CyclicAdjacency:
+    parts = axial_parts(batch_size, height, width, k, self_loops, device)
+    return CyclicAdjacency(parts, num_nodes=batch_size * height * width)
 
 
 @functools.lru_cache(maxsize=32)
 def _svga_edges(batch_size, height, width, k, self_loops, device) -> Tensor:
-    edges = _image_edges(height, width, k, self_loops, device)
+    edges = _svga_adjacency(1, height, width, k, self_loops, device).to_edge_index()
     offsets = torch.arange(batch_size, device=device).view(-1, 1, 1) * (height * width)
     return (edges.unsqueeze(1) + offsets.transpose(0, 1)).flatten(1)

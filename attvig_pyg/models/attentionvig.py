@@ -122,7 +122,7 @@ class GraphMixer(nn.Module):
             k, dilation = self.knn_params(height, width)
             return build_graph("knn", x, k=k, dilation=dilation)
         return build_graph(self.graph, x, k=self.shift(height, width), self_loops=self_loops,
-                           blocks=self.aggregator == "cross_attn")
+                           cyclic=self.aggregator == "cross_attn")
 
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.cpe(x)

@@ -77,13 +77,13 @@ class Grapher(nn.Module):
                                  nn.BatchNorm2d(channels))
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def build(self, x: Tensor) -> Tensor:
+    def build(self, x: Tensor):
         if self.graph == "knn":
             return build_graph("knn", x, k=self.k, dilation=self.dilation)
         height, width = x.shape[-2:]
         # Vision GNN's kNN counts a node among its neighbours; the axial graphs do the same here.
-        return build_graph(self.graph, x, k=default_steps(height, width),
-                           self_loops=True)
+        return build_graph(self.graph, x, k=default_steps(height, width), self_loops=True,
+                           cyclic=self.conv.aggregator == "cross_attn")
 
     def forward(self, x: Tensor) -> Tensor:
         shortcut = x

@@ -2,10 +2,10 @@
 import torch
 from torch import Tensor
 
-from torch_geometric.typing import Adj, SparseTensor
+from torch_geometric.typing import SparseTensor
 from torch_geometric.utils import is_torch_sparse_tensor
 
-from attvig_pyg.adjacency import BlockAdjacency
+from attvig_pyg.adjacency import CyclicAdjacency
 
 
 def check_node_features(x: Tensor, channels: int, role: str) -> None:
@@ -20,12 +20,24 @@ def check_node_features(x: Tensor, channels: int, role: str) -> None:
                          f"(got {x.size(-1)})")
 
 
-def check_adjacency(edge_index: Adj, num_src: int, num_dst: int) -> None:
-    """Raises if ``edge_index`` refers to nodes that do not exist.
+def check_adjacency(edge_index, x_src: Tensor, x_dst: Tensor) -> None:
+    """Raises unless ``edge_index`` is a graph on the given source and target nodes.
 
-    ``edge_index[0]`` indexes the ``num_src`` source nodes, ``edge_index[1]`` the ``num_dst``
-    target nodes; a sparse adjacency is the transposed one, of size ``[num_dst, num_src]``.
+    ``edge_index[0]`` indexes the source nodes, ``edge_index[1]`` the target nodes; a sparse
+    adjacency is the transposed one, of size ``[num_targets, num_sources]``; a
+    :class:`~attvig_pyg.adjacency.CyclicAdjacency` joins the nodes of one set (its node ids were
+    checked when it was made). Node ids of an edge list are checked in eager mode only (a
+    data-dependent check).
     """
+    num_src, num_dst = x_src.size(0), x_dst.size(0)
+    if isinstance(edge_index, CyclicAdjacency):
+        if x_src is not x_dst:
+            raise ValueError("A CyclicAdjacency joins the nodes of one set: pass a single node "
+                             "feature tensor, not a (source, target) pair")
+        if edge_index.num_nodes != num_src:
+            raise ValueError(f"The CyclicAdjacency is a graph on {edge_index.num_nodes} nodes, "
+                             f"but the node features hold {num_src}")
+        return
     if isinstance(edge_index, SparseTensor) or is_torch_sparse_tensor(edge_index):
         rows, cols = edge_index.size(0), edge_index.size(1)
         if (rows, cols) != (num_dst, num_src):
@@ -33,14 +45,14 @@ def check_adjacency(edge_index: Adj, num_src: int, num_dst: int) -> None:
                              f"([num_target_nodes, num_source_nodes]), got [{rows}, {cols}]")
         return
     if not isinstance(edge_index, Tensor):
-        raise TypeError("Expected 'edge_index' to be a Tensor, SparseTensor or torch.sparse "
-                        f"Tensor (got {type(edge_index).__name__})")
+        raise TypeError("Expected 'edge_index' to be a Tensor, SparseTensor, torch.sparse Tensor "
+                        f"or CyclicAdjacency (got {type(edge_index).__name__})")
     if edge_index.dim() != 2 or edge_index.size(0) != 2:
         raise ValueError(f"Expected 'edge_index' of shape [2, num_edges] "
                          f"(got {tuple(edge_index.shape)})")
     if edge_index.is_floating_point() or edge_index.is_complex():
         raise ValueError(f"Expected 'edge_index' of an integer dtype (got {edge_index.dtype})")
-    if edge_index.numel() == 0:
+    if edge_index.numel() == 0 or torch.compiler.is_compiling():
         return
     for row, name, count in ((0, "source", num_src), (1, "target", num_dst)):
         low, high = int(edge_index[row].min()), int(edge_index[row].max())
@@ -48,19 +60,3 @@ def check_adjacency(edge_index: Adj, num_src: int, num_dst: int) -> None:
             bad = low if low < 0 else high
             raise IndexError(f"'edge_index[{row}]' holds {name} node id {bad}, outside the valid "
                              f"range [0, {count - 1}] of the {count} {name} nodes")
-
-
-def check_block_adjacency(adj: BlockAdjacency, x_src: Tensor, x_dst: Tensor) -> None:
-    """Raises unless ``adj`` is a graph on exactly the nodes of the one feature tensor given."""
-    if x_src is not x_dst:
-        raise ValueError("A BlockAdjacency joins the nodes of one set: pass a single node feature "
-                         "tensor, not a (source, target) pair")
-    if adj.num_nodes != x_src.size(0):
-        raise ValueError(f"The BlockAdjacency is a graph on {adj.num_nodes} nodes, but the node "
-                         f"features hold {x_src.size(0)}")
-    if torch.compiler.is_compiling():
-        return
-    for index, _ in adj.parts:
-        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= adj.num_nodes):
-            raise IndexError(f"A BlockAdjacency index holds node ids in [{int(index.min())}, "
-                             f"{int(index.max())}], outside [0, {adj.num_nodes - 1}]")

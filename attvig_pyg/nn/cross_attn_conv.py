@@ -1,31 +1,24 @@
 import math
-from typing import List, Optional, Tuple, Union
+from typing import Optional, Tuple, Union, overload
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.nn import Parameter
 
+from torch_geometric import EdgeIndex
 from torch_geometric.nn.conv import MessagePassing
 from torch_geometric.nn.dense.linear import Linear
-from torch_geometric.typing import Adj, OptTensor, PairTensor, SparseTensor
-from torch_geometric.utils import is_torch_sparse_tensor, scatter, softmax, to_edge_index
+from torch_geometric.typing import Adj, NoneType, PairTensor, SparseTensor
+from torch_geometric.utils import is_sparse, is_torch_sparse_tensor, scatter, to_edge_index
 from torch_geometric.utils.sparse import set_sparse_value
 
-from attvig_pyg.adjacency import BlockAdjacency
-from attvig_pyg.nn.checks import check_adjacency, check_block_adjacency, check_node_features
-from attvig_pyg.nn.functional import FUSED_DTYPES, EdgeList, gather_dot, weighted_sum
-
-NORMALIZE_MODES = ("none", "softmax", "mean")
-
-
-def l2_normalize(x: Tensor, eps: float = 1e-12) -> Tensor:
-    r"""Like :func:`torch.nn.functional.normalize` over the last dimension, but with the norm and the
-    division in at least float32 whatever the input dtype (so that half precision keeps zero vectors
-    finite), cast back to the input dtype."""
-    wide = x.to(torch.promote_types(x.dtype, torch.float32))
-    norm = torch.linalg.vector_norm(wide, dim=-1, keepdim=True)
-    return (wide / norm.clamp_min(eps)).to(x.dtype)
+from attvig_pyg.adjacency import CyclicAdjacency
+from attvig_pyg.nn.checks import check_adjacency, check_node_features
+from attvig_pyg.nn.functional import (FUSED_DTYPES, NORMALIZE_MODES, EdgeList,
+                                      attention_weights, cyclic_attention,
+                                      cyclic_edge_weights, gather_dot, l2_normalize,
+                                      weighted_sum)
 
 
 class CrossAttnConv(MessagePassing):
@@ -55,16 +48,19 @@ class CrossAttnConv(MessagePassing):
     (no softmax) unless :obj:`normalize` asks for it. The conv uses the edges exactly as given: it
     adds no self-loops and removes none.
 
-    Besides the usual adjacency forms, :meth:`forward` accepts a
-    :class:`~attvig_pyg.adjacency.BlockAdjacency` (a graph made of dense blocks, as the SVGA and
-    DAGC builders of :mod:`attvig_pyg.graphs` produce): the same computation with the same
-    parameters, as batched matrix products per block instead of per-edge gathers and scatters.
+    The adjacency may take three forms, all computing the same result with the same parameters:
 
-    In eager mode, with float32/float64 features and nobody observing the message passing
-    (no explainer, no message/aggregate hooks), edge lists and sparse adjacencies take a fused
-    path (:mod:`attvig_pyg.nn.functional`: per-edge scores, then CSR sparse-dense products) that
-    computes the same result as :meth:`propagate` with far less memory; otherwise
-    :meth:`propagate` runs as usual, with :obj:`alpha` passed to :meth:`message`.
+    - an :obj:`edge_index` :class:`torch.Tensor`: per-edge message passing (:meth:`edge_update`,
+      :meth:`message` with :obj:`alpha`, :meth:`aggregate`), seen by explainers and hooks;
+    - a sparse adjacency (:class:`torch_sparse.SparseTensor`, :class:`torch.sparse.Tensor`) or an
+      :class:`~torch_geometric.EdgeIndex` sorted by target: fused, following PyG's own rule for
+      :meth:`message_and_aggregate` (unless :obj:`conv.fuse = False` or an explainer is on): in
+      eager mode with float32/float64 features, per-edge scores and CSR sparse-dense products
+      (:mod:`attvig_pyg.nn.functional`) that keep no per-edge feature tensor, with far less
+      memory;
+    - a :class:`~attvig_pyg.adjacency.CyclicAdjacency` (what the SVGA and DAGC builders of
+      :mod:`attvig_pyg.graphs` produce): scores and weighted sums as one shift of keys and values
+      per neighbour offset, at a cost proportional to the number of candidate edges.
 
     Args:
         in_channels (int or tuple): Size of each input sample, or :obj:`-1` to derive it from the
@@ -106,6 +102,8 @@ class CrossAttnConv(MessagePassing):
           the weights before dropout.
     """
 
+    SUPPORTS_FUSED_EDGE_INDEX = True  # propagate may call message_and_aggregate on an EdgeIndex
+
     def __init__(
         self,
         in_channels: Union[int, Tuple[int, int]],
@@ -138,8 +136,8 @@ class CrossAttnConv(MessagePassing):
         if normalize not in NORMALIZE_MODES:
             raise ValueError(f"Unknown 'normalize' mode '{normalize}' (expected one of "
                              f"{', '.join(NORMALIZE_MODES)})")
-        if beta_init <= 0:
-            raise ValueError(f"'beta_init' must be positive (got {beta_init})")
+        if not beta_init > 0 or not math.isfinite(beta_init):
+            raise ValueError(f"'beta_init' must be a positive finite number (got {beta_init})")
 
         self.in_channels = in_channels
         self.out_channels = out_channels
@@ -179,134 +177,124 @@ class CrossAttnConv(MessagePassing):
         self.log_beta.requires_grad_(False)
         return self
 
+    @overload
     def forward(
         self,
         x: Union[Tensor, PairTensor],
-        edge_index: Adj,
+        edge_index: Union[Adj, CyclicAdjacency],
+        return_attention_weights: NoneType = None,
+    ) -> Tensor:
+        pass
+
+    @overload
+    def forward(  # noqa: F811
+        self,
+        x: Union[Tensor, PairTensor],
+        edge_index: Union[Tensor, CyclicAdjacency],
+        return_attention_weights: bool = None,
+    ) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
+        pass
+
+    @overload
+    def forward(  # noqa: F811
+        self,
+        x: Union[Tensor, PairTensor],
+        edge_index: SparseTensor,
+        return_attention_weights: bool = None,
+    ) -> Tuple[Tensor, SparseTensor]:
+        pass
+
+    def forward(  # noqa: F811
+        self,
+        x: Union[Tensor, PairTensor],
+        edge_index: Union[Adj, CyclicAdjacency],
         return_attention_weights: Optional[bool] = None,
-    ) -> Union[Tensor, Tuple[Tensor, Tuple[Adj, Tensor]]]:
+    ):
         r"""Runs the forward pass of the module.
 
         Args:
             x (torch.Tensor or (torch.Tensor, torch.Tensor)): The input node features.
-            edge_index (torch.Tensor, SparseTensor, torch.sparse.Tensor or BlockAdjacency): The
-                edges (:obj:`edge_index[0]` sends to :obj:`edge_index[1]`), the transposed sparse
-                adjacency, or dense blocks (homogeneous graphs only).
+            edge_index (torch.Tensor, EdgeIndex, SparseTensor, torch.sparse.Tensor or
+                CyclicAdjacency): The edges (:obj:`edge_index[0]` sends to
+                :obj:`edge_index[1]`), the transposed sparse adjacency, or a cyclic adjacency
+                (homogeneous graphs only).
             return_attention_weights (bool, optional): If set to any value, also return
                 :obj:`(edge_index, alpha)` with :obj:`alpha` of shape :obj:`[num_edges, heads]`
-                (for sparse input: the adjacency carrying :obj:`alpha` as its values; for blocks:
-                :meth:`BlockAdjacency.to_edge_index` and the weights in its order).
+                (for sparse input: the adjacency carrying :obj:`alpha` as its values; for a
+                cyclic adjacency: :meth:`CyclicAdjacency.to_edge_index` and the weights in its
+                order).
         """
-        if isinstance(x, Tensor):
-            x = (x, x)
-        x_src, x_dst = x
+        x_src, x_dst = (x, x) if isinstance(x, Tensor) else x
         in_src, in_dst = ((self.in_channels, self.in_channels) if isinstance(
             self.in_channels, int) else self.in_channels)
         check_node_features(x_src, in_src, "source")
         check_node_features(x_dst, in_dst, "target")
-        if isinstance(edge_index, BlockAdjacency):
-            check_block_adjacency(edge_index, x_src, x_dst)
-        elif not torch.compiler.is_compiling():
-            check_adjacency(edge_index, x_src.size(0), x_dst.size(0))
+        check_adjacency(edge_index, x_src, x_dst)
 
         H, D = self.heads, self.out_channels // self.heads
         query = l2_normalize(self.lin_query(x_dst).view(-1, H, D), self.eps)
         key = l2_normalize(self.lin_key(x_src).view(-1, H, D), self.eps)
         value = self.lin_value(x_src).view(-1, H, D)
-        size = (x_src.size(0), x_dst.size(0))
 
-        if isinstance(edge_index, BlockAdjacency):
-            aggregated, block_alphas = self._aggregate_blocks(edge_index, query, key, value)
-        elif self._may_fuse(value):
-            edges = EdgeList(*_source_target(edge_index), *size)
-            alpha = self.edge_weights(gather_dot(query, key, edges), edges.target, None, size[1])
-            dropped = F.dropout(alpha, p=self.dropout, training=self.training)
-            aggregated = weighted_sum(dropped, value, edges)
+        if isinstance(edge_index, CyclicAdjacency):
+            aggregated, weights = cyclic_attention(query, key, value, edge_index, self.log_beta,
+                                                   self.normalize, self.dropout, self.training)
         else:
-            alpha = self.edge_updater(edge_index, query=query, key=key, size=size)
+            size = (x_src.size(0), x_dst.size(0))
+            edges = EdgeList(*_source_target(edge_index), *size) if self._fuses(
+                edge_index, value) else None
+            if edges is not None:
+                alpha = attention_weights([gather_dot(query, key, edges).unsqueeze(-1)],
+                                          [edges.target], [None], self.log_beta, self.normalize,
+                                          size[1])[0].squeeze(-1)
+            else:
+                alpha = self.edge_updater(edge_index, query=query, key=key, size=size)
             dropped = F.dropout(alpha, p=self.dropout, training=self.training)
-            aggregated = self.propagate(edge_index, value=value, alpha=dropped, size=size)
+            aggregated = self.propagate(edge_index, value=value, alpha=dropped, edges=edges,
+                                        num_targets=size[1], size=size)
 
-        out = self.lin_out(torch.cat([x_dst, aggregated.view(-1, H * D)], dim=-1))
-        out = F.gelu(out)
+        out = F.gelu(self.lin_out(torch.cat([x_dst, aggregated.view(-1, H * D)], dim=-1)))
 
-        if return_attention_weights is not None:
-            if isinstance(edge_index, BlockAdjacency):
-                per_edge = [alpha.permute(0, 2, 3, 1)[mask.expand(index.size(0), -1, -1)]
-                            for (index, mask), alpha in zip(edge_index.parts, block_alphas)]
-                return out, (edge_index.to_edge_index(),
-                             torch.cat([out.new_empty(0, H)] + per_edge))
-            if isinstance(edge_index, SparseTensor):
-                return out, edge_index.set_value(alpha, layout="coo")
-            if is_torch_sparse_tensor(edge_index):
-                return out, (set_sparse_value(edge_index, alpha), alpha)
-            return out, (edge_index, alpha)
-        return out
+        if return_attention_weights is None:
+            return out
+        if isinstance(edge_index, CyclicAdjacency):
+            alpha = (cyclic_edge_weights(weights, edge_index) if weights else
+                     out.new_empty(0, H))
+            return out, (edge_index.to_edge_index(), alpha)
+        if isinstance(edge_index, SparseTensor):
+            return out, edge_index.set_value(alpha, layout="coo")
+        if is_torch_sparse_tensor(edge_index):
+            return out, (set_sparse_value(edge_index, alpha), alpha)
+        return out, (edge_index, alpha)
 
-    def affinity(self, similarity: Tensor) -> Tensor:
-        r"""The exponential affinity :math:`\exp(-\beta (1 - s))` of Eq. 5."""
-        return torch.exp(self.log_beta.exp() * (similarity - 1.0))
+    def _fuses(self, edge_index: Adj, value: Tensor) -> bool:
+        """Whether to use the fused kernels: where :meth:`propagate` calls
+        :meth:`message_and_aggregate` by PyG's rule (:obj:`self.fuse`, no explainer, a sparse
+        adjacency or an EdgeIndex sorted by target), in eager mode and for the dtypes torch's
+        sparse kernels take."""
+        if not self.fuse or self.explain or torch.compiler.is_compiling() or \
+                value.dtype not in FUSED_DTYPES:
+            return False
+        return is_sparse(edge_index) or (isinstance(edge_index, EdgeIndex) and
+                                         edge_index.is_sorted_by_col)
 
-    def edge_update(self, query_i: Tensor, key_j: Tensor, index: Tensor, ptr: OptTensor,
+    def edge_update(self, query_i: Tensor, key_j: Tensor, index: Tensor,
                     dim_size: Optional[int]) -> Tensor:
-        return self.edge_weights(torch.einsum("ehd,ehd->eh", query_i, key_j), index, ptr,
-                                 dim_size)
-
-    def edge_weights(self, similarity: Tensor, index: Tensor, ptr: OptTensor,
-                     dim_size: Optional[int]) -> Tensor:
-        """Eq. 5 and the optional normalisation over each target's incoming edges: weights
-        ``[E, H]`` from cosine similarities ``[E, H]`` of edges into targets ``index``."""
-        if self.normalize == "softmax":  # max-subtracting, so large beta cannot underflow
-            return softmax(self.log_beta.exp() * similarity, index, ptr, dim_size)
-        alpha = self.affinity(similarity)
-        if self.normalize == "mean":
-            ones = torch.ones_like(index, dtype=alpha.dtype)
-            degree = scatter(ones, index, 0, dim_size, reduce="sum")
-            alpha = alpha / degree[index].unsqueeze(-1)
-        return alpha
+        similarity = torch.einsum("ehd,ehd->eh", query_i, key_j)
+        return attention_weights([similarity.unsqueeze(-1)], [index], [None], self.log_beta,
+                                 self.normalize, dim_size)[0].squeeze(-1)
 
     def message(self, value_j: Tensor, alpha: Tensor) -> Tensor:
         return value_j * alpha.unsqueeze(-1)
 
-    def _may_fuse(self, value: Tensor) -> bool:
-        """Whether the fused edge-list path may stand in for :meth:`propagate`: only where nobody
-        could tell the difference (eager mode, no explainer, no hooks) and the sparse kernels
-        support the dtype."""
-        hooks = (self._propagate_forward_pre_hooks, self._propagate_forward_hooks,
-                 self._message_forward_pre_hooks, self._message_forward_hooks,
-                 self._aggregate_forward_pre_hooks, self._aggregate_forward_hooks,
-                 self._edge_update_forward_pre_hooks, self._edge_update_forward_hooks)
-        return (value.dtype in FUSED_DTYPES and not torch.compiler.is_compiling()
-                and not self.explain and not any(hooks))
-
-    def _aggregate_blocks(self, adj: BlockAdjacency, query: Tensor, key: Tensor,
-                          value: Tensor) -> Tuple[Tensor, List[Tensor]]:
-        """Eq. 4-7 on dense blocks: per block, scores, weights and the weighted sum of values are
-        batched matrix products; masked pairs get weight zero. Returns the aggregated messages
-        ``[N, H, D]`` and every part's weights ``[blocks, H, S, S]`` before dropout."""
-        def gather(x: Tensor, index: Tensor) -> Tensor:  # [N, H, D] -> [blocks, S, H, D]
-            return x.index_select(0, index.flatten()).view(*index.shape, *x.shape[1:])
-
-        alphas = []
-        for index, mask in adj.parts:
-            similarity = torch.einsum("bihd,bjhd->bhij", gather(query, index), gather(key, index))
-            alphas.append(self.affinity(similarity) * mask.unsqueeze(-3))
-        if self.normalize != "none":
-            # Softmax and mean divide by a sum over all incoming edges, which spans parts.
-            total = query.new_zeros(adj.num_nodes, self.heads)
-            for (index, mask), alpha in zip(adj.parts, alphas):
-                weight = (alpha if self.normalize == "softmax" else
-                          mask.unsqueeze(-3).expand_as(alpha).to(alpha))
-                total.index_add_(0, index.flatten(), weight.sum(-1).transpose(1, 2).flatten(0, 1))
-            total = total.clamp_min(torch.finfo(total.dtype).tiny)  # nodes without edges
-            alphas = [alpha / gather(total, index).transpose(1, 2).unsqueeze(-1)
-                      for (index, _), alpha in zip(adj.parts, alphas)]
-        out = value.new_zeros(adj.num_nodes, *value.shape[1:])
-        for (index, _), alpha in zip(adj.parts, alphas):
-            dropped = F.dropout(alpha, p=self.dropout, training=self.training)
-            messages = torch.einsum("bhij,bjhd->bihd", dropped, gather(value, index))
-            out.index_add_(0, index.flatten(), messages.flatten(0, 1))
-        return out, alphas
+    def message_and_aggregate(self, edge_index: Adj, value: Tensor, alpha: Tensor,
+                              edges: Optional[EdgeList], num_targets: int) -> Tensor:
+        if edges is not None:
+            return weighted_sum(alpha, value, edges)
+        # Compiling, or a dtype the sparse kernels do not take: gather and scatter.
+        source, target = _source_target(edge_index)
+        return scatter(value.index_select(0, source) * alpha.unsqueeze(-1), target, 0,
+                       dim_size=num_targets, reduce="sum")
 
     def __repr__(self) -> str:
         return (f"{self.__class__.__name__}({self.in_channels}, {self.out_channels}, "

@@ -1,18 +1,189 @@
-"""Per-head sparse products on an edge list, for CrossAttnConv's eager edge-list path.
+"""The kernels of :class:`~attvig_pyg.nn.CrossAttnConv`: attention weights and their
+normalisation (one implementation for every adjacency form), the aggregation over a
+:class:`~attvig_pyg.adjacency.CyclicAdjacency`, and the fused edge-list products.
 
-Per-edge message passing writes ``[num_edges, heads, head_dim]`` tensors (gathered features,
-products) and keeps them for backward, and on a CPU that memory traffic dominates. Here the
-weighted sum over neighbours is a CSR sparse-dense product (SpMM, fused in the kernel), and
-backward propagates through SpMMs as well, so that no per-edge feature tensor is kept.
+Shapes: queries, keys and values are ``[num_nodes, heads, head_dim]``; similarities and weights
+put the heads last.
 """
 import warnings
-from typing import Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
+from attvig_pyg.adjacency import CyclicAdjacency, CyclicNeighbours
+
+NORMALIZE_MODES = ("none", "softmax", "mean")
 FUSED_DTYPES = (torch.float32, torch.float64)  # what torch's CSR kernels support
 
+
+def l2_normalize(x: Tensor, eps: float = 1e-12) -> Tensor:
+    r"""Like :func:`torch.nn.functional.normalize` over the last dimension, but with the norm and
+    the division in at least float32 whatever the input dtype (so that half precision keeps zero
+    vectors finite), cast back to the input dtype."""
+    wide = x.to(torch.promote_types(x.dtype, torch.float32))
+    norm = torch.linalg.vector_norm(wide, dim=-1, keepdim=True)
+    return (wide / norm.clamp_min(eps)).to(x.dtype)
+
+
+# ---- attention weights ----------------------------------------------------------------------
+
+def attention_weights(similarities: Sequence[Tensor], targets: Sequence[Tensor],
+                      masks: Sequence[Optional[Tensor]], log_beta: Tensor, normalize: str,
+                      num_nodes: int) -> List[Tensor]:
+    r"""Eq. 5, :math:`\alpha = \exp(-\beta (1 - s))`, and the optional normalisation over each
+    node's incoming edges, for edges given as groups of rows of candidates.
+
+    Group g holds rows of candidates: ``similarities[g]`` ``[*rows, heads, candidates]``,
+    ``targets[g]`` ``[*rows]`` (the node the candidates of a row send to) and ``masks[g]``,
+    broadcastable to ``[*rows, candidates]`` (which candidates are edges; ``None``: all). An edge
+    list is one group of single-candidate rows. A node's edges may lie in several groups: the
+    normalisation spans them all.
+
+    ``"softmax"`` divides by the sum over the node's edges after subtracting their maximum
+    (stable for any beta); ``"mean"`` divides by the node's in-degree. Masked candidates get
+    weight zero. Returns the weights in the shapes of ``similarities``.
+    """
+    if not similarities:
+        return []
+    beta = log_beta.exp()
+    if normalize == "softmax":
+        peak = similarities[0].new_full((num_nodes, similarities[0].size(-2)), float("-inf"))
+        for similarity, target, mask in zip(similarities, targets, masks):
+            if not similarity.size(-1):
+                continue
+            # The subtracted maximum cancels out: no gradient flows through it.
+            candidates = similarity.detach()
+            if mask is not None:
+                candidates = candidates.masked_fill(~mask.unsqueeze(-2), float("-inf"))
+            row_peak = candidates.amax(dim=-1).reshape(-1, candidates.size(-2))
+            peak.scatter_reduce_(0, target.reshape(-1, 1).expand_as(row_peak), row_peak, "amax")
+        peak = peak.masked_fill(peak == float("-inf"), 0.0)  # nodes without edges
+        weights = [_masked(torch.exp(beta * (similarity - peak[target].unsqueeze(-1))), mask)
+                   for similarity, target, mask in zip(similarities, targets, masks)]
+        total = _per_node(weights, targets, num_nodes)
+        total = total.masked_fill(total == 0, 1.0)  # nodes whose candidates are all masked
+        return [weight / total[target].unsqueeze(-1) for weight, target in zip(weights, targets)]
+    weights = [_masked(torch.exp(beta * (similarity - 1.0)), mask)
+               for similarity, mask in zip(similarities, masks)]
+    if normalize == "mean":
+        counts = [weight.new_ones(*weight.shape[:-2], 1, weight.size(-1)) if mask is None else
+                  mask.expand(*weight.shape[:-2], weight.size(-1)).unsqueeze(-2).to(weight.dtype)
+                  for weight, mask in zip(weights, masks)]
+        degree = _per_node(counts, targets, num_nodes).clamp_min(1)
+        weights = [weight / degree[target].unsqueeze(-1)
+                   for weight, target in zip(weights, targets)]
+    return weights
+
+
+def _masked(weight: Tensor, mask: Optional[Tensor]) -> Tensor:
+    return weight if mask is None else weight * mask.unsqueeze(-2)
+
+
+def _per_node(values: Sequence[Tensor], targets: Sequence[Tensor], num_nodes: int) -> Tensor:
+    """Sums ``[*rows, k, candidates]`` groups over candidates and rows of the same target."""
+    total = values[0].new_zeros(num_nodes, values[0].size(-2))
+    for value, target in zip(values, targets):
+        total = total.index_add(0, target.reshape(-1),
+                                value.sum(dim=-1).reshape(-1, value.size(-2)))
+    return total
+
+
+# ---- a CyclicAdjacency ----------------------------------------------------------------------
+# Two ways to score a part, one rule to choose (measured in docs/benchmarks.md): where the
+# candidates fill at least half of each cycle (SVGA/DAGC when K divides the grid), score every
+# pair of a cycle at once, a [T, T] block per cycle in batched matrix products; elsewhere (K
+# does not divide the grid: a few candidates along long cycles), one shift of the cycles per
+# offset, which costs what the candidates cost.
+
+def scores_densely(part: CyclicNeighbours) -> bool:
+    """The rule: dense blocks when the candidates fill at least half of every cycle."""
+    return 2 * len(part.offsets) >= part.cycles.size(1)
+
+
+def _in_cycles(x: Tensor, part: CyclicNeighbours) -> Tensor:
+    """``[num_nodes, ...]`` node values as ``[num_cycles, T, ...]``."""
+    cycles = part.cycles
+    return x.index_select(0, cycles.flatten()).view(*cycles.shape, *x.shape[1:])
+
+
+def _dense_mask(part: CyclicNeighbours) -> Tensor:
+    """``[num_cycles or 1, T, T]``: which (position, member) pairs of a cycle are edges."""
+    length = part.cycles.size(1)
+    behind = part.behind()
+    if part.mask is None:
+        return torch.zeros(1, length, length, dtype=torch.bool, device=behind.device).scatter_(
+            2, behind.unsqueeze(0), True)
+    return torch.zeros(*part.cycles.shape, length, dtype=torch.bool,
+                       device=behind.device).scatter_(2, behind.expand_as(part.mask), part.mask)
+
+
+def cyclic_scores(query: Tensor, key: Tensor,
+                  part: CyclicNeighbours) -> Tuple[Tensor, Optional[Tensor]]:
+    """Every node's query against the keys of its candidates: scores
+    ``[num_cycles, T, heads, candidates]`` and the mask, broadcastable to
+    ``[num_cycles, T, candidates]``, of which are edges (``None``: all). Dense parts
+    (:func:`scores_densely`) score all T members of the cycle; the others one shift per offset,
+    in the order of ``part.offsets``."""
+    at_node, keys = _in_cycles(query, part), _in_cycles(key, part)
+    if scores_densely(part):
+        return torch.einsum("pthd,puhd->pthu", at_node, keys), _dense_mask(part)
+    if not part.offsets:  # no candidates: an empty result that is still part of the autograd
+        return (at_node * keys).sum(dim=-1).unsqueeze(-1)[..., :0], part.mask  # graph (DDP)
+    shifts = [(at_node * keys.roll(offset, dims=1)).sum(dim=-1) for offset in part.offsets]
+    return torch.stack(shifts, dim=-1), part.mask
+
+
+def cyclic_sum(weight: Tensor, value: Tensor, part: CyclicNeighbours) -> Tensor:
+    """``[num_cycles, T, heads, head_dim]``: every node's sum of its candidates' values, with
+    ``weight`` in the layout of :func:`cyclic_scores`."""
+    values = _in_cycles(value, part)
+    if scores_densely(part):
+        return torch.einsum("pthu,puhd->pthd", weight, values)
+    out = values * weight.sum(dim=-1).unsqueeze(-1) if not part.offsets else None  # zeros
+    for i, offset in enumerate(part.offsets):
+        term = weight[..., i].unsqueeze(-1) * values.roll(offset, dims=1)
+        out = term if out is None else out + term
+    return out
+
+
+def cyclic_attention(query: Tensor, key: Tensor, value: Tensor, adjacency: CyclicAdjacency,
+                     log_beta: Tensor, normalize: str, dropout: float,
+                     training: bool) -> Tuple[Tensor, List[Tensor]]:
+    """Eq. 4-6 over a :class:`~attvig_pyg.adjacency.CyclicAdjacency`: the aggregated messages
+    ``[num_nodes, heads, head_dim]`` and every part's weights before dropout, in the layout of
+    :func:`cyclic_scores` (:func:`cyclic_edge_weights` lists them per edge)."""
+    scored = [cyclic_scores(query, key, part) for part in adjacency.parts]
+    weights = attention_weights([scores for scores, _ in scored],
+                                [part.cycles for part in adjacency.parts],
+                                [mask for _, mask in scored], log_beta, normalize,
+                                adjacency.num_nodes)
+    out = value.new_zeros(adjacency.num_nodes, *value.shape[1:])
+    for part, weight in zip(adjacency.parts, weights):
+        dropped = torch.nn.functional.dropout(weight, p=dropout, training=training)
+        out.index_add_(0, part.cycles.flatten(), cyclic_sum(dropped, value, part).flatten(0, 1))
+    return out, weights
+
+
+def cyclic_edge_weights(weights: Sequence[Tensor], adjacency: CyclicAdjacency) -> Tensor:
+    """``[num_edges, heads]``: :func:`cyclic_attention`'s weights in the edge order of
+    :meth:`CyclicAdjacency.to_edge_index`."""
+    per_edge = []
+    for part, weight in zip(adjacency.parts, weights):
+        if scores_densely(part):  # [P, T, H, T] -> the offsets' columns, [P, T, H, M]
+            behind = part.behind()
+            index = behind.view(1, behind.size(0), 1, -1).expand(*weight.shape[:-1], -1)
+            weight = weight.gather(-1, index)
+        weight = weight.transpose(-1, -2)  # [P, T, M, H]: an edge per (cycle, position, offset)
+        per_edge.append(weight.flatten(0, 2) if part.mask is None else weight[part.mask])
+    return torch.cat(per_edge)
+
+
+# ---- an edge list, fused --------------------------------------------------------------------
+# Per-edge message passing writes [num_edges, heads, head_dim] tensors (gathered features,
+# products) and keeps them for backward, and on a CPU that memory traffic dominates. Here the
+# weighted sum over neighbours is a CSR sparse-dense product (SpMM), and backward propagates
+# through SpMMs as well, so that no per-edge feature tensor is kept.
 
 def _csr(rows: Tensor, cols: Tensor, num_rows: int) -> Tuple[Tensor, Tensor, Tensor]:
     order = rows.argsort(stable=True)

@@ -7,6 +7,7 @@ from torch_geometric.nn.conv import MessagePassing
 from torch_geometric.nn.resolver import activation_resolver, normalization_resolver
 from torch_geometric.typing import Adj, PairTensor
 
+from attvig_pyg.adjacency import CyclicAdjacency
 from attvig_pyg.nn.checks import check_adjacency, check_node_features
 from attvig_pyg.nn.grouped_linear import GroupedLinear
 
@@ -109,8 +110,10 @@ class MaxRelativeConv(MessagePassing):
         x_src, x_dst = x
         check_node_features(x_src, self.channels, "source")
         check_node_features(x_dst, x_src.size(-1), "target")
-        if not torch.compiler.is_compiling():
-            check_adjacency(edge_index, x_src.size(0), x_dst.size(0))
+        if isinstance(edge_index, CyclicAdjacency):
+            raise TypeError("MaxRelativeConv takes an edge_index or a sparse adjacency; convert "
+                            "a CyclicAdjacency with its to_edge_index()")
+        check_adjacency(edge_index, x_src, x_dst)
 
         relative = self.propagate(edge_index, x=(x_src, x_dst),
                                   size=(x_src.size(0), x_dst.size(0)))
