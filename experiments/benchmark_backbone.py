@@ -147,7 +147,8 @@ def main() -> None:
         scaling_rows.append([
             size, f"{pixels / base_pixels:.2f}x", f"{result['macs'] / 1e9:.2f}",
             f"{result['macs'] / pixels / (base['macs'] / base_pixels):.3f}x",
-            f"{seconds * 1000:.0f}", f"{seconds * base['images_per_s'] * base_pixels / pixels:.2f}x",
+            f"{seconds * 1000:.0f}",
+            f"{seconds * base['images_per_s'] * base_pixels / pixels:.2f}x",
             f"{ratio:.2f}x", f"{ratio / base_ratio:.2f}x"])
     scaling_table = markdown_table(
         ["input (h x w)", "pixels vs 224", "MACs (G)", "MACs per pixel vs 224",

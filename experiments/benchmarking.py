@@ -50,18 +50,22 @@ def measure(step: Callable[[], None], repeats: int) -> Dict[str, float]:
 
 def multiply_adds(model: torch.nn.Module, size) -> float:
     """Multiply-adds of one image of ``size`` (an int or (height, width); batch 1, eval mode):
-    torch's FlopCounterMode total / 2, plus CrossAttnConv's aggregation over a CyclicAdjacency,
-    which runs as shifted elementwise products that FlopCounterMode (like fvcore, the paper's
-    counter) does not see: 2 per channel and candidate, for the score and the weighted sum."""
+    torch's FlopCounterMode total / 2, plus CrossAttnConv's aggregation over the parts of a
+    CyclicAdjacency scored by shifts, elementwise products that FlopCounterMode (like fvcore, the
+    paper's counter) does not see: 2 per channel and candidate, for the score and the weighted
+    sum. (Parts scored as dense blocks are batched matrix products: FlopCounterMode counts them.)
+    """
     from attvig_pyg import CrossAttnConv
     from attvig_pyg.adjacency import CyclicAdjacency
+    from attvig_pyg.nn.functional import scores_densely
 
     height, width = (size, size) if isinstance(size, int) else size
     aggregation = []
 
     def count(conv, inputs, _):
         if isinstance(inputs[1], CyclicAdjacency):
-            aggregation.append(2 * conv.out_channels * inputs[1].num_candidates())
+            aggregation.append(2 * conv.out_channels * sum(
+                part.num_candidates for part in inputs[1].parts if not scores_densely(part)))
     hooks = [module.register_forward_hook(count) for module in model.modules()
              if isinstance(module, CrossAttnConv)]
     try:

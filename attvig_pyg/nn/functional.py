@@ -3,7 +3,8 @@ normalisation (one implementation for every adjacency form), the aggregation ove
 :class:`~attvig_pyg.adjacency.CyclicAdjacency`, and the fused edge-list products.
 
 Shapes: queries, keys and values are ``[num_nodes, heads, head_dim]``; similarities and weights
-put the heads last.
+are ``[*rows, heads, candidates]`` (candidates last, so that the elementwise passes over a dense
+block run along contiguous memory).
 """
 import warnings
 from typing import List, Optional, Sequence, Tuple
