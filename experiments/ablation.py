@@ -26,6 +26,7 @@ from typing import Dict, List, Optional
 
 import matplotlib
 import engine
+import imagenet
 from benchmarking import markdown_table, multiply_adds
 
 matplotlib.use("Agg")
@@ -108,7 +109,7 @@ def parse_args(argv: Optional[List[str]] = None):
         if unknown:
             raise SystemExit(f"unknown run(s) {', '.join(unknown)} for --table {args.table} "
                              f"(expected some of: {', '.join(rows)})")
-        engine.parse_args(engine_argv)  # fails now, not after hours, on a bad engine option
+        imagenet.parse_args(engine_argv)  # fails now, not after hours, on a bad engine option
     return args, engine_argv
 
 
@@ -169,7 +170,7 @@ def train_runs(args, engine_argv: List[str]) -> None:
     plan = [(row, seed) for row in rows for seed in args.seeds]
     for index, (row, seed) in enumerate(plan, 1):
         folder = run_folder(args, row, seed)
-        run_args = engine.parse_args(run_argv(args, engine_argv, row, seed))
+        run_args = imagenet.parse_args(run_argv(args, engine_argv, row, seed))
         if (folder / "results.json").exists():
             check_finished_run(folder, run_args)
             log.info("run %d/%d: %s seed %d already finished (%s)", index, len(plan), row, seed,
@@ -177,7 +178,7 @@ def train_runs(args, engine_argv: List[str]) -> None:
             continue
         log.info("run %d/%d: %s seed %d%s", index, len(plan), row, seed,
                  " (resumed)" if run_args.resume else "")
-        engine.train(run_args)
+        imagenet.train(run_args)
 
 
 def check_finished_run(folder: Path, run_args) -> None:
@@ -203,8 +204,8 @@ def collect(args, engine_argv: List[str]) -> List[Dict]:
                    sorted((args.output / args.table / row).glob("seed*/results.json"))]
         if not results:
             continue
-        run_args = engine.parse_args(run_argv(args, engine_argv, row, args.seeds[0]))
-        model = engine.build_model(run_args, len(engine.class_names(run_args)))
+        run_args = imagenet.parse_args(run_argv(args, engine_argv, row, args.seeds[0]))
+        model = imagenet.build_model(run_args, len(imagenet.class_names(run_args)))
         top1 = [r["final"]["eval"]["top1"] for r in results]
         entries.append(dict(
             row=row, runs=len(top1), top1=top1, mean=statistics.mean(top1),

@@ -1,20 +1,13 @@
-"""The training engine shared by experiments/imagenet.py and experiments/ablation.py.
+"""The training engine shared by the programs of experiments/: imagenet.py (classification),
+detection.py (Mask R-CNN), segmentation.py (Semantic FPN) and ablation.py.
 
-One run: data (ImageNet folder layout or the embedded Fashion-MNIST), any timm model (AttentionViG
-and the ViG harness register themselves on ``import attvig_pyg``), the paper's recipe built from
-timm's parts, data-parallel training over ``torchrun`` processes, and one object that owns the
-run's state (:class:`TrainingRun`), whose ``state_dict`` is the checkpoint. Flag names follow
-timm's train.py. What a run guarantees (docs/training.md):
-
-- It continues exactly: stopped at any step (SIGTERM or Ctrl-C, to the process or to its whole
-  process group), it writes a checkpoint that says where in the epoch it stopped, and
-  ``--resume`` ends with the weights of the run that was never stopped, bit for bit. Every image
-  is augmented with its own seed (run seed, epoch, process, position in the epoch), so what it
-  becomes depends neither on the loader process that reads it nor on what was read before.
-- A checkpoint carries the run's complete settings: ``--resume`` and ``--eval-only`` rebuild the
-  model from them and refuse flags that contradict them.
-- An output folder belongs to one run at a time (``run.lock`` names its owner).
-- Checkpoints hold only tensors, numbers and strings and load with ``weights_only=True``.
+A program describes its run (its arguments, data, model, loss and evaluation: a :class:`Setup`
+with a :class:`Task`); the engine does the rest the same way for all of them: data-parallel
+training over ``torchrun`` processes, per-image random states, one object that owns the run's
+state (:class:`TrainingRun`, whose ``state_dict`` is the checkpoint), checkpoints written
+atomically, exact resume, clean stops on signals, one run per output folder, and what a person
+reads (log, metrics.csv, TensorBoard, curves.png, results.json). What a run guarantees:
+docs/training.md.
 """
 import argparse
 import hashlib
@@ -29,9 +22,10 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -40,60 +34,32 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, S
 from tqdm import tqdm
 
 import timm
-from timm.data import Mixup, create_transform
 from timm.data.distributed_sampler import RepeatAugSampler
 from timm.optim import create_optimizer_v2
-from timm.scheduler import create_scheduler_v2
-from timm.task import ClassificationTask, TokenDistillationTask
-from timm.utils import (ModelEmaV3, accuracy, dispatch_clip_grad, distribute_bn,
-                        init_distributed_device, is_distributed_env, random_seed,
-                        setup_default_logging, unwrap_model, update_summary)
+from timm.utils import (ModelEmaV3, dispatch_clip_grad, distribute_bn, init_distributed_device,
+                        is_distributed_env, random_seed, setup_default_logging, unwrap_model,
+                        update_summary)
 
 import attvig_pyg  # noqa: F401  (registers AttentionViG and the ViG harness with timm)
-from attvig_pyg.data import CLASSES, FashionMNIST, SafeImageFolder, collate_skipping_failed
 
 log = logging.getLogger("engine")
 
-# Settings for 28x28 Fashion-MNIST upscaled to 32 px on a 2-core CPU; explicit flags override.
-PRESETS = {
-    "cpu-demo": dict(model="attentionvig_s", img_size=32, epochs=4, batch_size=64,
-                     lr=2e-3, warmup_epochs=1, weight_decay=0.05, smoothing=0.1, aa=None,
-                     mixup=0.0, cutmix=0.0, reprob=0.0, drop_path=0.05, scale=(0.6, 1.0),
-                     crop_pct=1.0, model_ema=False, workers=2),
-}
-
 # What a checkpoint holds: the version of TrainingRun.state_dict.
-CHECKPOINT_FORMAT = 2
+CHECKPOINT_FORMAT = 3
 # Flags that say where or with what a run computes, not what it computes: a continued run may
-# change them (the data folder may move; its classes and size are checked).
+# change them (the data folder may move; what the program records in Setup.info is checked).
 RUN_LOCAL = ("workers", "device", "data_dir", "output", "resume", "eval_only", "checkpoint",
              "preset")
 # Flags that build the network: --eval-only takes them from the checkpoint.
 MODEL_FLAGS = ("model", "graph", "aggregator", "model_kwargs", "drop_path")
-PATH_FLAGS = ("data_dir", "teacher_checkpoint", "output", "resume", "checkpoint")
+PATH_FLAGS = ("data_dir", "teacher_checkpoint", "output", "resume", "checkpoint", "pretrained")
 
 
 # ---- arguments ------------------------------------------------------------------------------
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Train an image classifier (AttentionViG by default) with the AttentionViG "
-                    "paper's recipe. Without --data-dir it trains on the embedded Fashion-MNIST.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    group = parser.add_argument_group("data")
-    group.add_argument("--data-dir", type=Path, default=None,
-                       help="ImageNet folder layout: DATA_DIR/train/<class>/*, DATA_DIR/val/<class>/*;"
-                            " default: the embedded Fashion-MNIST (10,000 training images, the "
-                            "complete 10,000-image official test split)")
-    group.add_argument("--fashion-mnist-full", action="store_true",
-                       help="without --data-dir: the official 60,000 training images from the "
-                            "Debian package dataset-fashion-mnist instead of the embedded subset")
-    group.add_argument("--img-size", type=int, default=224, help="input size in pixels")
-    group.add_argument("--crop-pct", type=float, default=None,
-                       help="evaluation center-crop fraction (default: the model's)")
-    group.add_argument("--workers", type=int, default=4, help="data loading processes")
+def add_model_arguments(parser: argparse.ArgumentParser, model: str = "attentionvig_s") -> None:
     group = parser.add_argument_group("model")
-    group.add_argument("--model", default="attentionvig_s",
+    group.add_argument("--model", default=model,
                        help="attentionvig_s|m|b, vig_ti, or any timm model name")
     group.add_argument("--graph", choices=["svga", "dagc", "knn"], default=None,
                        help="graph policy of a graph model (default: the model's)")
@@ -103,50 +69,36 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--model-kwargs", type=json.loads, default={},
                        help="more model constructor arguments, as JSON")
     group.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth rate")
-    group = parser.add_argument_group("optimization (AdamW, cosine schedule)")
-    group.add_argument("--epochs", type=int, default=300)
-    group.add_argument("--batch-size", type=int, default=128, help="per process")
-    group.add_argument("--lr", type=float, default=None,
-                       help="learning rate; default: lr-base * global batch / lr-base-size")
-    group.add_argument("--lr-base", type=float, default=2e-3)
-    group.add_argument("--lr-base-size", type=int, default=2048)
+
+
+def add_training_arguments(parser: argparse.ArgumentParser, epochs: int, batch_size: int,
+                           weight_decay: float) -> argparse._ArgumentGroup:
+    """The optimization flags every program has (timm's train.py names); returns the group so
+    that a program can add its own."""
+    group = parser.add_argument_group("optimization")
+    group.add_argument("--epochs", type=int, default=epochs)
+    group.add_argument("--batch-size", type=int, default=batch_size, help="per process")
     group.add_argument("--opt", default="adamw")
-    group.add_argument("--weight-decay", type=float, default=0.05)
-    group.add_argument("--warmup-epochs", type=int, default=20)
-    group.add_argument("--warmup-lr", type=float, default=1e-6)
-    group.add_argument("--min-lr", type=float, default=1e-5)
+    group.add_argument("--weight-decay", type=float, default=weight_decay)
     group.add_argument("--clip-grad", type=float, default=None, help="gradient norm clip")
     group.add_argument("--clip-mode", default="norm", choices=["norm", "value", "agc"])
-    group.add_argument("--model-ema", action=argparse.BooleanOptionalAction, default=True,
+    group.add_argument("--model-ema", action=argparse.BooleanOptionalAction, default=False,
                        help="keep and evaluate an exponential moving average of the weights")
     group.add_argument("--model-ema-decay", type=float, default=0.9998)
     group.add_argument("--amp", action="store_true", help="mixed precision (autocast)")
     group.add_argument("--amp-dtype", choices=["bfloat16", "float16"], default="bfloat16")
     group.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes")
-    group = parser.add_argument_group("augmentation and regularisation")
-    group.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
-    group.add_argument("--aa", default="rand-m9-mstd0.5-inc1",
-                       help="timm auto-augment policy, or none")
-    group.add_argument("--train-interpolation", default="random",
-                       help="resize interpolation in training (random: bilinear or bicubic per "
-                            "image, as DeiT)")
-    group.add_argument("--mixup", type=float, default=0.8, help="mixup alpha (0: off)")
-    group.add_argument("--cutmix", type=float, default=1.0, help="cutmix alpha (0: off)")
-    group.add_argument("--reprob", type=float, default=0.25, help="random erasing probability")
-    group.add_argument("--remode", default="pixel", choices=["pixel", "rand", "const"],
-                       help="random erasing fill (pixel: per-pixel normal noise, as DeiT)")
-    group.add_argument("--scale", type=float, nargs=2, default=(0.08, 1.0),
-                       help="random resized crop scale range")
-    group.add_argument("--aug-repeats", type=int, default=0,
-                       help="repeated augmentation (distributed runs): copies of each image")
-    group = parser.add_argument_group("distillation (DeiT hard distillation)")
-    group.add_argument("--teacher-model", default=None, help="e.g. regnety_160")
-    group.add_argument("--teacher-checkpoint", type=Path, default=None,
-                       help="the teacher's weights, a local file (nothing is downloaded)")
+    group.add_argument("--workers", type=int, default=4, help="data loading processes")
+    return group
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, presets: Dict[str, Dict]) -> None:
     group = parser.add_argument_group("run")
-    group.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                       help="cpu-demo: " + ", ".join(f"{k}={v}"
-                                                    for k, v in PRESETS["cpu-demo"].items()))
+    if presets:
+        group.add_argument("--preset", choices=sorted(presets), default=None,
+                           help="; ".join(f"{name}: " + ", ".join(f"{k}={v}" for k, v in
+                                                                   values.items())
+                                          for name, values in presets.items()))
     group.add_argument("--output", type=Path, default=None,
                        help="run folder (default: runs/<model>-<time>); one run at a time")
     group.add_argument("--resume", type=Path, default=None,
@@ -160,26 +112,28 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--device", default=None,
                        help="cpu, cuda or cuda:N (default: cuda if available); under torchrun "
                             "every process takes cuda:LOCAL_RANK")
-    return parser
 
 
-def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    """The command line, checked; ``args.given`` holds the flags it names explicitly (what
-    ``--resume`` and ``--eval-only`` compare with the checkpoint's settings)."""
+def parse_args(build_parser: Callable[[], argparse.ArgumentParser], argv: Optional[List[str]],
+               presets: Dict[str, Dict],
+               problems: Callable[[argparse.Namespace], Iterable[str]] = lambda args: ()
+               ) -> argparse.Namespace:
+    """A program's command line, checked by the engine's rules and the program's ``problems``;
+    ``args.given`` holds the flags it names explicitly (what ``--resume`` and ``--eval-only``
+    compare with a checkpoint's settings)."""
     parser = build_parser()
-    preset = parser.parse_known_args(argv)[0].preset
+    preset = getattr(parser.parse_known_args(argv)[0], "preset", None)
     if preset:
-        parser.set_defaults(**PRESETS[preset])
+        parser.set_defaults(**presets[preset])
     args = parser.parse_args(argv)
-    args.given = given_flags(argv, vars(args))
-    if args.aa is not None and args.aa.lower() == "none":
-        args.aa = None
-    for problem in _problems(args):
+    args.given = given_flags(build_parser, argv, vars(args), presets)
+    for problem in [*_problems(args), *problems(args)]:
         parser.error(problem)
     return args
 
 
-def given_flags(argv: Optional[List[str]], dests: Iterable[str]) -> set:
+def given_flags(build_parser: Callable[[], argparse.ArgumentParser], argv: Optional[List[str]],
+                dests: Iterable[str], presets: Dict[str, Dict]) -> set:
     """The settings named on the command line (a preset names all of its settings)."""
     unset = object()  # not a string: argparse would pass a string default through `type`
     parser = build_parser()
@@ -187,7 +141,7 @@ def given_flags(argv: Optional[List[str]], dests: Iterable[str]) -> set:
     named = parser.parse_args(argv)
     given = {k for k, v in vars(named).items() if v is not unset}
     if "preset" in given:
-        given |= set(PRESETS[named.preset])
+        given |= set(presets[named.preset])
     return given
 
 
@@ -196,32 +150,17 @@ def _problems(args) -> Iterator[str]:
         yield "--eval-only needs --checkpoint PATH"
     if args.eval_only and args.resume:
         yield "--eval-only and --resume exclude each other"
-    if bool(args.teacher_model) != bool(args.teacher_checkpoint):
-        yield ("distillation needs both --teacher-model and --teacher-checkpoint (a local file; "
-               "nothing is downloaded)")
-    for flag, path in (("--checkpoint", args.checkpoint), ("--resume", args.resume),
-                       ("--teacher-checkpoint", args.teacher_checkpoint)):
+    for flag, path in (("--checkpoint", args.checkpoint), ("--resume", args.resume)):
         if path is not None and not path.is_file():
             yield f"{flag}: no such file: {path}"
     if args.resume and "output" in args.given and args.output.resolve() != \
             args.resume.parent.resolve():
         yield (f"--resume continues a run in its own folder ({args.resume.parent}); "
                f"--output {args.output} names another")
-    if args.data_dir is not None:
-        for split in ("train", "val"):
-            if not (args.data_dir / split).is_dir():
-                yield (f"--data-dir: {args.data_dir / split} is missing (expected "
-                       "DATA_DIR/train/<class>/* and DATA_DIR/val/<class>/*)")
-    for flag, value, low in (("--epochs", args.epochs, 1), ("--img-size", args.img_size, 1),
-                             ("--workers", args.workers, 0), ("--seed", args.seed, 0),
-                             ("--warmup-epochs", args.warmup_epochs, 0),
-                             ("--aug-repeats", args.aug_repeats, 0)):
+    for flag, value, low in (("--epochs", args.epochs, 1), ("--workers", args.workers, 0),
+                             ("--seed", args.seed, 0), ("--batch-size", args.batch_size, 1)):
         if value < low:
             yield f"{flag} must be at least {low} (got {value})"
-    if args.batch_size < (1 if args.eval_only else 2):
-        yield (f"--batch-size must be at least 2 to train (got {args.batch_size}): BatchNorm needs "
-               "more than one value per channel, and mixup/cutmix mix images in pairs"
-               if not args.eval_only else f"--batch-size must be positive (got {args.batch_size})")
     try:
         check_device(args.device)
     except ValueError as error:
@@ -280,9 +219,8 @@ def settings_from_checkpoint(args, saved: Dict, must_agree: Iterable[str],
     for key in args.given:
         setattr(settings, key, getattr(args, key))
     for key in PATH_FLAGS:
-        if getattr(settings, key) is not None:
+        if getattr(settings, key, None) is not None:
             setattr(settings, key, Path(getattr(settings, key)))
-    settings.scale = tuple(settings.scale)
     settings.eval_only, settings.checkpoint, settings.resume = (args.eval_only, args.checkpoint,
                                                                 args.resume)
     settings.given = args.given
@@ -307,8 +245,8 @@ def atomic_file(path: Path) -> Iterator[Path]:
         temporary.unlink(missing_ok=True)
 
 
-def load_checkpoint(path: Path) -> Dict:
-    """A checkpoint of this program, loaded with ``weights_only=True``; anything else is refused
+def load_checkpoint(path: Path, program: str) -> Dict:
+    """A checkpoint of ``program``, loaded with ``weights_only=True``; anything else is refused
     with a message that says what is wrong with the file."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -324,6 +262,10 @@ def load_checkpoint(path: Path) -> Dict:
         raise SystemExit(f"{path} is not a checkpoint of this program (format "
                          f"{CHECKPOINT_FORMAT}; found "
                          f"{state.get('format') if isinstance(state, dict) else type(state)})")
+    if state.get("program") != program:
+        raise SystemExit(f"{path} is a checkpoint of experiments/{state.get('program')}.py, not "
+                         f"of experiments/{program}.py (its weights can seed this program: "
+                         "--pretrained)")
     return state
 
 
@@ -423,6 +365,14 @@ class Distributed:
         values = [None] * self.world_size
         dist.all_gather_object(values, value)
         return values
+
+    def broadcast(self, value):
+        """Rank 0's ``value`` on every process (a collective)."""
+        if self.world_size == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     def close(self) -> None:
         if self.world_size > 1 and dist.is_initialized():
@@ -564,59 +514,42 @@ class EpochSampler(Sampler):
                 yield index, mix_seed(self.seed, self.epoch, self.rank, position)
 
 
-# ---- data and model -------------------------------------------------------------------------
+# ---- data, models, weights -----------------------------------------------------------------
 
-def class_names(args) -> List[str]:
-    if args.data_dir is None:
-        return list(CLASSES)
-    return SafeImageFolder.classes_in(args.data_dir / "train")
-
-
-def build_transforms(args, data_cfg: Dict):
-    """The paper's training augmentation and the evaluation resize / center crop."""
-    train = create_transform(
-        data_cfg["input_size"], is_training=True, scale=tuple(args.scale),
-        auto_augment=args.aa, re_prob=args.reprob, re_mode=args.remode,
-        interpolation=args.train_interpolation, mean=data_cfg["mean"], std=data_cfg["std"])
-    evaluation = create_transform(
-        data_cfg["input_size"], is_training=False, interpolation=data_cfg["interpolation"],
-        mean=data_cfg["mean"], std=data_cfg["std"], crop_pct=data_cfg["crop_pct"])
-    return train, evaluation
-
-
-def build_dataset(args, split: str, transform) -> Dataset:
-    """``split`` "train" or "eval" of the run's data; raises if its classes are not the run's."""
-    if args.data_dir is None:
-        return FashionMNIST("train" if split == "train" else "test", full=args.fashion_mnist_full,
-                            transform=transform)
-    folder = args.data_dir / ("train" if split == "train" else "val")
-    dataset = SafeImageFolder(folder, transform=transform)
-    expected = class_names(args)
-    if dataset.classes != expected:
-        missing = sorted(set(expected) - set(dataset.classes))
-        extra = sorted(set(dataset.classes) - set(expected))
-        raise SystemExit(f"{folder} and {args.data_dir / 'train'} hold different classes: "
-                         f"missing {missing or 'none'}, extra {extra or 'none'}")
-    return dataset
-
-
-def _loader(dataset: Dataset, args, world: Distributed, **options) -> DataLoader:
-    # The private generator keeps the loader's own draw (a seed for its processes, unused since
-    # every item has its own) out of the global random stream.
+def make_loader(dataset: Dataset, args, world: Distributed, collate: Callable,
+                **options) -> DataLoader:
+    """A loader whose processes ignore stop signals. The private generator keeps the loader's own
+    draw (a seed for its processes, unused since every item has its own) out of the global random
+    stream. ``collate`` returns a batch whose last element is the number of items skipped."""
     return DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers,
-                      collate_fn=collate_skipping_failed, worker_init_fn=_loader_process_init,
+                      collate_fn=collate, worker_init_fn=_loader_process_init,
                       pin_memory=world.device.type == "cuda", generator=torch.Generator(),
                       **options)
 
 
-def build_eval_loader(args, evaluation: Dataset, world: Distributed) -> DataLoader:
-    # Each process evaluates its own disjoint share; the counts are summed, nothing is padded.
+def eval_loader(evaluation: Dataset, args, world: Distributed, collate: Callable) -> DataLoader:
+    """Each process evaluates its own disjoint share; programs sum the counts, nothing is padded."""
     shard = Subset(evaluation, range(world.rank, len(evaluation), world.world_size))
-    return _loader(shard, args, world, shuffle=False)
+    return make_loader(shard, args, world, collate, shuffle=False)
 
 
-def build_model(args, num_classes: int) -> torch.nn.Module:
-    kwargs = dict(args.model_kwargs, num_classes=num_classes, drop_path_rate=args.drop_path)
+def batches(loader: DataLoader) -> Iterator:
+    """Iterates a loader whose processes start with the stop signals held back."""
+    with stop_signals_held():
+        iterator = iter(loader)
+    return iterator
+
+
+def autocast_for(args, device: torch.device):
+    if not args.amp:
+        return nullcontext()
+    dtype = torch.bfloat16 if args.amp_dtype == "bfloat16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def create_model(args, **kwargs) -> torch.nn.Module:
+    """The timm model a run's model flags describe, with the program's ``kwargs``."""
+    kwargs = dict(args.model_kwargs, drop_path_rate=args.drop_path, **kwargs)
     graph_kwargs = {k: v for k, v in dict(graph=args.graph, aggregator=args.aggregator).items()
                     if v is not None}
     try:
@@ -628,7 +561,7 @@ def build_model(args, num_classes: int) -> torch.nn.Module:
         raise
 
 
-def log_graphs(model: torch.nn.Module, img_size: int) -> None:
+def log_graphs(model: torch.nn.Module, img_size) -> None:
     """States the neighbours per node of every stage, so that nobody trains without a graph."""
     if not hasattr(model, "graph_summary"):
         log.info("graph: none (%s is not a graph model)", type(model).__name__)
@@ -639,88 +572,115 @@ def log_graphs(model: torch.nn.Module, img_size: int) -> None:
                  stage["graph"], details)
 
 
-def build_task(args, model, num_classes: int, mixup_active: bool, device):
-    criterion_kwargs = dict(smoothing=args.smoothing, soft_targets=mixup_active)
-    if not args.teacher_model:
-        return ClassificationTask(model, criterion_kwargs=criterion_kwargs, device=device,
-                                  verbose=False)
-    teacher = timm.create_model(args.teacher_model, num_classes=num_classes,
-                                checkpoint_path=str(args.teacher_checkpoint))
-    log.info("distillation: hard, teacher %s from %s", args.teacher_model,
-             args.teacher_checkpoint)
-    # DeiT's hard distillation: 0.5 CE(classifier, label) + 0.5 CE(distillation head, teacher).
-    return TokenDistillationTask(model, teacher, criterion_kwargs=criterion_kwargs,
-                                 distill_type="hard", task_loss_weight=0.5, device=device,
-                                 verbose=False)
-
-
-def data_config(args, model) -> Dict:
-    config = timm.data.resolve_data_config({}, model=unwrap_model(model))
-    config["input_size"] = (3, args.img_size, args.img_size)
-    if args.crop_pct is not None:
-        config["crop_pct"] = args.crop_pct
-    return config
-
-
-def autocast_for(args, device: torch.device):
-    if not args.amp:
-        return nullcontext()
-    dtype = torch.bfloat16 if args.amp_dtype == "bfloat16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
-
-
-# ---- evaluation -----------------------------------------------------------------------------
-
-@torch.no_grad()
-def evaluate(model, loader, world: Distributed, args) -> Dict[str, float]:
-    model.eval()
-    correct1 = correct5 = count = skipped = 0.0
-    with stop_signals_held():
-        batches = iter(loader)
-    for images, targets, missing in batches:
-        skipped += missing
-        if not len(targets):
-            continue
-        images, targets = images.to(world.device), targets.to(world.device)
-        with autocast_for(args, world.device):
-            output = model(images)
-        top1, top5 = accuracy(output.float(), targets, topk=(1, min(5, output.size(1))))
-        correct1 += top1.item() * len(targets) / 100
-        correct5 += top5.item() * len(targets) / 100
-        count += len(targets)
-    correct1, correct5, count, skipped = world.sum(correct1, correct5, count, skipped)
-    if skipped:
-        log.warning("evaluation skipped %d unreadable images", skipped)
-    return dict(top1=100 * correct1 / max(count, 1), top5=100 * correct5 / max(count, 1),
-                images=count)
-
-
-def evaluate_checkpoint(args) -> Dict[str, float]:
-    """``--eval-only``: the checkpoint's model, rebuilt from its own settings, with the weights it
-    names (raw or EMA), on the evaluation set."""
-    saved = load_checkpoint(args.checkpoint)
-    args = settings_from_checkpoint(args, saved["config"], MODEL_FLAGS, "--eval-only")
-    world = Distributed(args.device)
+def load_weights(path: Path) -> Dict[str, torch.Tensor]:
+    """The weights of a file: a checkpoint of any program here (the weights it names, raw or
+    EMA), or a plain state dict (timm's, a ``{"model": ...}`` or ``{"state_dict": ...}``
+    wrapper), loaded with ``weights_only=True``."""
     try:
-        model = build_model(args, len(saved["classes"]))
-        model.load_state_dict(saved[saved["weights"]])
-        model.to(world.device)
-        evaluation = build_dataset(args, "eval", build_transforms(args, data_config(args,
-                                                                                  model))[1])
-        if list(evaluation.classes) != saved["classes"]:
-            raise SystemExit(f"the evaluation data's classes differ from the checkpoint's "
-                             f"({len(evaluation.classes)} and {len(saved['classes'])})")
-        metrics = evaluate(model, build_eval_loader(args, evaluation, world), world, args)
-        if world.main:
-            print(f"{args.checkpoint} ({saved['weights']} weights, epoch {saved['epoch']}): "
-                  f"top-1 {metrics['top1']:.2f}%, top-5 {metrics['top5']:.2f}% on "
-                  f"{int(metrics['images'])} images")
-        return metrics
-    finally:
-        world.close()
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 (every way a file can fail to hold weights)
+        raise SystemExit(f"{path} holds no readable weights: {type(error).__name__}: "
+                         f"{str(error)[:200]}") from None
+    if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
+        return state[state["weights"]]
+    for key in ("model", "state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise SystemExit(f"{path} is not a state dict of tensors")
+    return state
 
 
-# ---- training -------------------------------------------------------------------------------
+def add_backbone_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of an AttentionViG fine-tuned for dense prediction (detection, segmentation)."""
+    add_model_arguments(parser)
+    group = parser.add_argument_group("backbone fine-tuning (the paper: beta frozen, Table 9)")
+    group.add_argument("--pretrained", type=Path, default=None,
+                       help="classification weights for the backbone: a checkpoint of "
+                            "experiments/imagenet.py (the weights it names) or a timm state dict")
+    group.add_argument("--train-beta", action="store_true",
+                       help="let the cross-attention betas learn (default: frozen, as the paper)")
+    group.add_argument("--trainable-stages", type=int, default=5,
+                       help="stages trained, counted from the last (5: every layer, the stem "
+                            "too, as GreedyViG)")
+    group.add_argument("--norm", choices=["eval", "frozen", "train"], default="eval",
+                       help="BatchNorm while fine-tuning: statistics fixed (eval, GreedyViG's "
+                            "norm_eval), frozen entirely, or trained")
+
+
+def backbone_problems(args) -> Iterator[str]:
+    if args.pretrained is not None and not args.pretrained.is_file():
+        yield f"--pretrained: no such file: {args.pretrained}"
+    if not 0 <= args.trainable_stages <= 5:
+        yield f"--trainable-stages must be in 0..5 (got {args.trainable_stages})"
+
+
+def pretrained_backbone(args) -> torch.nn.Module:
+    """The classification model the backbone flags describe, with --pretrained's weights (its
+    classifiers dropped)."""
+    from attvig_pyg.models import AttentionViG
+
+    model = create_model(args, num_classes=0)
+    if not isinstance(model, AttentionViG):
+        raise SystemExit(f"--model {args.model}: dense prediction takes an AttentionViG backbone "
+                         "(attentionvig_s, attentionvig_m, attentionvig_b)")
+    if args.pretrained is not None:
+        weights = {k: v for k, v in load_weights(args.pretrained).items()
+                   if not k.startswith(("head.", "head_dist."))}
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        if missing or unexpected:
+            raise SystemExit(f"--pretrained {args.pretrained} does not fit {args.model}: missing "
+                             f"{_short(missing)}, unexpected {_short(unexpected)}")
+        log.info("backbone weights from %s", args.pretrained)
+    return model
+
+
+# ---- a program's run ------------------------------------------------------------------------
+
+class Task:
+    """What a program computes: the loss of a training batch and the evaluation of a model. The
+    engine handles everything around them. ``score`` names the evaluation metric that chooses
+    best.pth (higher is better)."""
+
+    score: str = ""
+
+    def train(self) -> None:
+        """Puts the modules that train in training mode."""
+        raise NotImplementedError
+
+    def loss(self, batch, device: torch.device) -> Tuple[torch.Tensor, int]:
+        """The loss of a collated batch (without its skipped count) and how many items it
+        averaged over (0: nothing to learn from, the step is skipped)."""
+        raise NotImplementedError
+
+    def evaluate(self, model: torch.nn.Module, loader: DataLoader, world: Distributed,
+                 args) -> Dict[str, float]:
+        """Metrics of ``model`` on this process's share of the evaluation data, summed over all
+        processes."""
+        raise NotImplementedError
+
+    def prepare_distributed(self, device_ids: Optional[List[int]]) -> None:
+        """Wraps what trains in DistributedDataParallel."""
+        raise NotImplementedError
+
+
+@dataclass
+class Setup:
+    """What a program builds for a run; the engine trains it. ``model`` is the network whose
+    weights checkpoints hold; ``info`` what a resumed run must find again (class names, data
+    size); ``schedule(optimizer, updates_per_epoch)`` gives the timm scheduler."""
+
+    model: torch.nn.Module
+    task: Task
+    train_set: Dataset
+    eval_set: Dataset
+    collate: Callable
+    lr: float
+    schedule: Callable
+    info: Dict = field(default_factory=dict)
+    aug_repeats: int = 0
+    eval_collate: Optional[Callable] = None  # default: collate
+
 
 class TrainingRun:
     """One training run at any step: the model, its EMA, optimizer, schedule and gradient scaler,
@@ -728,28 +688,28 @@ class TrainingRun:
     random states and running totals of the epoch, the finished epochs' rows and the best result.
     :meth:`state_dict` is the checkpoint format, the one place where it is written."""
 
-    def __init__(self, args, world: Distributed, classes: List[str], train_images: int, model,
-                 task, optimizer, scheduler, scaler, ema, mixup, steps_per_epoch: int):
-        self.args, self.world, self.classes, self.train_images = args, world, classes, train_images
-        self.model, self.task, self.optimizer, self.scheduler = model, task, optimizer, scheduler
-        self.scaler, self.ema, self.mixup = scaler, ema, mixup
+    def __init__(self, program: str, args, world: Distributed, setup: Setup, optimizer,
+                 scheduler, scaler, ema, steps_per_epoch: int):
+        self.program, self.args, self.world, self.setup = program, args, world, setup
+        self.model, self.task = setup.model, setup.task
+        self.optimizer, self.scheduler, self.scaler, self.ema = optimizer, scheduler, scaler, ema
         self.steps_per_epoch = steps_per_epoch
         self.epoch = self.step = 0
         self.totals = self._new_totals()
         self.history: List[Dict] = []
-        self.best = dict(top1=-1.0, epoch=0, weights="model")
+        self.best = dict(score=-math.inf, epoch=0, weights="model")
 
     @staticmethod
     def _new_totals() -> Dict[str, float]:
-        return dict(loss=0.0, images=0.0, skipped=0.0, seconds=0.0)
+        return dict(loss=0.0, items=0.0, skipped=0.0, seconds=0.0)
 
     def state_dict(self, weights: str = "model") -> Dict:
         """The checkpoint; ``weights`` names the weights it is meant to be evaluated with
         (``"model"`` or ``"ema"``). A collective under torchrun: it gathers every process's
         random states and totals."""
         processes = self.world.gather(dict(rng=rng_states(), totals=dict(self.totals)))
-        return dict(format=CHECKPOINT_FORMAT, config=run_config(self.args), classes=self.classes,
-                    train_images=self.train_images, epoch=self.epoch, step=self.step,
+        return dict(format=CHECKPOINT_FORMAT, program=self.program, config=run_config(self.args),
+                    info=self.setup.info, epoch=self.epoch, step=self.step,
                     history=self.history, best=self.best, weights=weights,
                     model=unwrap_model(self.model).state_dict(),
                     ema=self.ema.module.state_dict() if self.ema is not None else None,
@@ -757,10 +717,13 @@ class TrainingRun:
                     scaler=self.scaler.state_dict(), processes=processes)
 
     def load_state_dict(self, state: Dict) -> None:
-        if state["classes"] != self.classes or state["train_images"] != self.train_images:
-            raise SystemExit(f"--resume: the run trained on {state['train_images']} images of "
-                             f"{len(state['classes'])} classes; the data now has "
-                             f"{self.train_images} images of {len(self.classes)} classes")
+        if state["info"] != self.setup.info:
+            differences = {k: (state["info"].get(k), self.setup.info.get(k))
+                           for k in {*state["info"], *self.setup.info}
+                           if state["info"].get(k) != self.setup.info.get(k)}
+            raise SystemExit("--resume: the data differs from the run's: " + "; ".join(
+                f"{key}: the run had {_short(old)}, now {_short(new)}"
+                for key, (old, new) in sorted(differences.items())))
         if len(state["processes"]) != self.world.world_size:
             raise SystemExit(f"--resume: the run had {len(state['processes'])} process(es); "
                              f"continue it with as many (this one has {self.world.world_size})")
@@ -777,20 +740,15 @@ class TrainingRun:
         set_rng_states(mine["rng"])
         self.totals = dict(mine["totals"])
 
-    def train_step(self, images: torch.Tensor, targets: torch.Tensor) -> None:
-        """One optimizer step on a batch; advances :attr:`step` and the epoch's totals."""
-        args = self.args
-        if self.mixup is not None and len(targets) % 2:  # Mixup pairs images: drop an odd one
-            images, targets = images[:-1], targets[:-1]
-        if len(targets):
-            images, targets = images.to(self.world.device), targets.to(self.world.device)
-            if self.mixup is not None:
-                images, targets = self.mixup(images, targets)
-            with autocast_for(args, self.world.device):
-                loss = self.task(images, targets)["loss"]
+    def train_step(self, batch) -> None:
+        """One optimizer step on a collated batch; advances :attr:`step` and the totals."""
+        args, device = self.args, self.world.device
+        with autocast_for(args, device):
+            loss, items = self.task.loss(batch, device)
+        if items:
             if not math.isfinite(loss.item()):
                 raise FloatingPointError(f"loss is {loss.item()} at epoch {self.epoch + 1}, step "
-                                         f"{self.step + 1}; last.pth holds the last finished epoch")
+                                         f"{self.step + 1}; last.pth holds the last checkpoint")
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             if args.clip_grad is not None:
@@ -798,51 +756,58 @@ class TrainingRun:
                 dispatch_clip_grad(self.model.parameters(), args.clip_grad, mode=args.clip_mode)
             self.scaler.step(self.optimizer)
             self.scaler.update()
-            self.totals["loss"] += loss.item() * len(targets)
-            self.totals["images"] += len(targets)
+            self.totals["loss"] += loss.item() * items
+            self.totals["items"] += items
         self.step += 1
         updates = self.epoch * self.steps_per_epoch + self.step
         self.scheduler.step_update(num_updates=updates)
         if self.ema is not None:
             self.ema.update(self.model, step=updates)
 
-    def finish_epoch(self, eval_loader: DataLoader) -> Tuple[Dict, bool]:
+    def finish_epoch(self, loader: DataLoader) -> Tuple[Dict, bool]:
         """Ends the epoch in progress: schedule, evaluation, its row, the best result. Returns
         the row and whether it is the new best."""
         self.scheduler.step(self.epoch + 1)
-        loss, images, skipped, seconds = self.world.sum(*self.totals.values())
+        loss, items, skipped, seconds = self.world.sum(*self.totals.values())
         if skipped:
-            log.warning("epoch %d skipped %d unreadable training images", self.epoch + 1, skipped)
+            log.warning("epoch %d skipped %d unreadable training items", self.epoch + 1, skipped)
         if self.world.world_size > 1:
             distribute_bn(self.model, self.world.world_size)  # rank 0's BatchNorm statistics
         started = time.perf_counter()
-        evaluation = evaluate(self.model, eval_loader, self.world, self.args)
+        evaluation = self.task.evaluate(self.model, loader, self.world, self.args)
         if self.ema is not None:
-            ema = evaluate(self.ema.module, eval_loader, self.world, self.args)
-            evaluation.update(ema_top1=ema["top1"], ema_top5=ema["top5"])
-        evaluation.pop("images")
+            ema = self.task.evaluate(self.ema.module, loader, self.world, self.args)
+            evaluation.update({f"ema_{key}": value for key, value in ema.items()})
         evaluation["seconds"] = time.perf_counter() - started
+        seconds /= self.world.world_size
         row = dict(epoch=self.epoch + 1, lr=self.optimizer.param_groups[0]["lr"],
-                   train=dict(loss=loss / max(images, 1), skipped_images=skipped,
-                              images_per_second=images / max(seconds / self.world.world_size,
-                                                              1e-9),
-                              seconds=seconds / self.world.world_size),
+                   train=dict(loss=loss / max(items, 1), skipped_items=skipped,
+                              items_per_second=items / max(seconds, 1e-9), seconds=seconds),
                    eval=evaluation)
         self.history.append(row)
-        weights, top1 = max(("model", evaluation["top1"]),
-                            ("ema", evaluation.get("ema_top1", -1.0)), key=lambda w: w[1])
-        improved = top1 > self.best["top1"]
+        score = self.task.score
+        weights, value = max(("model", evaluation[score]),
+                             ("ema", evaluation.get(f"ema_{score}", -math.inf)),
+                             key=lambda candidate: candidate[1])
+        improved = value > self.best["score"]
         if improved:
-            self.best = dict(top1=top1, epoch=self.epoch + 1, weights=weights)
+            self.best = dict(score=value, epoch=self.epoch + 1, weights=weights)
         self.epoch, self.step, self.totals = self.epoch + 1, 0, self._new_totals()
         return row, improved
 
 
-def train(args) -> Dict:
-    """Runs (or resumes) one training run; returns the summary also written to results.json."""
+def _short(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) < 80 else text[:77] + "..."
+
+
+def train(program: str, args, build_run: Callable[..., Setup]) -> Dict:
+    """Runs (or resumes) one training run of ``program`` (its name in checkpoints) with the
+    :class:`Setup` ``build_run(args, world)`` gives; returns the summary also written to
+    results.json."""
     saved = None
     if args.resume:
-        saved = load_checkpoint(args.resume)
+        saved = load_checkpoint(args.resume, program)
         args = settings_from_checkpoint(args, saved["config"],
                                         [k for k in saved["config"] if k not in RUN_LOCAL],
                                         "--resume")
@@ -852,27 +817,29 @@ def train(args) -> Dict:
     world = Distributed(args.device)
     try:
         if not world.main:
-            return _train(args, world, output, saved, lock=None)
+            return _train(program, args, world, output, saved, build_run, lock=None)
         make_folder(output)
         with RunLock(output) as lock:
             if not args.resume and any((output / n).exists() for n in ("last.pth",
                                                                        "results.json")):
                 raise SystemExit(f"{output} already holds a run; resume it with --resume "
                                  f"{output / 'last.pth'} or choose another --output")
-            return _train(args, world, output, saved, lock)
+            return _train(program, args, world, output, saved, build_run, lock)
     finally:
         world.close()
 
 
-def _train(args, world: Distributed, output: Path, saved: Optional[Dict],
-           lock: Optional[RunLock]) -> Dict:
+def _train(program: str, args, world: Distributed, output: Path, saved: Optional[Dict],
+           build_run: Callable[..., Setup], lock: Optional[RunLock]) -> Dict:
     _setup_logging(output / "train.log" if world.main else None)
     if lock is not None and lock.stale is not None:
         log.warning("took over the stale lock of pid %s on %s (started %s), which no longer runs",
                     lock.stale.get("pid"), lock.stale.get("host"), lock.stale.get("started"))
     log.info("command: %s", " ".join(sys.argv))
     log.info("output: %s; %d process(es) on %s", output, world.world_size, world.device)
-    run, sampler, train_loader, eval_loader = build_run(args, world)
+    random_seed(args.seed, world.rank)
+    setup = build_run(args, world)
+    run, sampler, train_loader, evaluation_loader = _prepare(program, args, world, setup)
     if saved is not None:
         run.load_state_dict(saved)
         log.info("resumed from %s at epoch %d of %d, step %d of %d", args.resume, run.epoch + 1,
@@ -885,7 +852,7 @@ def _train(args, world: Distributed, output: Path, saved: Optional[Dict],
                 random_seed(mix_seed(args.seed, run.epoch) % 2**31, world.rank)
             finished = _train_epoch(run, train_loader, sampler, stop)
             if finished:
-                row, improved = run.finish_epoch(eval_loader)
+                row, improved = run.finish_epoch(evaluation_loader)
                 _log_epoch(run, row)
             state = run.state_dict()
             if world.main:
@@ -901,73 +868,54 @@ def _train(args, world: Distributed, output: Path, saved: Optional[Dict],
                 log.warning("checkpoint written at epoch %d, step %d; continue with --resume %s",
                             run.epoch + 1, run.step, output / "last.pth")
                 raise SystemExit(128 + stop.signum)
-    summary = dict(model=args.model, graph=args.graph, aggregator=args.aggregator,
-                   epochs=args.epochs, final=run.history[-1], best=run.best,
+    summary = dict(program=program, model=args.model, graph=args.graph,
+                   aggregator=args.aggregator, epochs=args.epochs, final=run.history[-1],
+                   best=dict(run.best, metric=setup.task.score),
                    train_seconds=sum(r["train"]["seconds"] + r["eval"]["seconds"]
                                      for r in run.history), config=run_config(args))
     if world.main:
         with atomic_file(output / "results.json") as temporary:
             temporary.write_text(json.dumps(summary, indent=2))
-        _plot(output, run.history)
+        _plot(output, run.history, setup.task.score)
         writer.close()
     log.info("rank %d weights checksum %s", world.rank, weights_checksum(run.model))
-    log.info("done: final top-1 %.2f%%, best %.2f%% (epoch %d, %s weights), %.0f s of training",
-             summary["final"]["eval"]["top1"], run.best["top1"], run.best["epoch"],
-             run.best["weights"], summary["train_seconds"])
+    log.info("done: final %s %.2f, best %.2f (epoch %d, %s weights), %.0f s of training",
+             setup.task.score, summary["final"]["eval"][setup.task.score], run.best["score"],
+             run.best["epoch"], run.best["weights"], summary["train_seconds"])
     return summary
 
 
-def build_run(args, world: Distributed):
-    """A new run at its start: returns it, its sampler and its two loaders."""
-    random_seed(args.seed, world.rank)
-    classes = class_names(args)
-    model = build_model(args, len(classes))
+def _prepare(program: str, args, world: Distributed, setup: Setup):
+    """The run of a Setup at its start: the run, its sampler and its two loaders."""
+    model = setup.model
     if args.sync_bn and world.world_size > 1:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = setup.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(world.device)
-    train_transform, eval_transform = build_transforms(args, data_config(args, model))
-    train_set = build_dataset(args, "train", train_transform)
-    eval_set = build_dataset(args, "eval", eval_transform)
-    log.info("data: %d training and %d evaluation images, %d classes (%s)", len(train_set),
-             len(eval_set), len(classes), args.data_dir or "embedded Fashion-MNIST")
-    log.info("model: %s, %.2f M parameters", args.model,
-             sum(p.numel() for p in model.parameters()) / 1e6)
-    log_graphs(model, args.img_size)
-
-    sampler = EpochSampler(train_set, args.seed, world, args.aug_repeats)
-    train_loader = _loader(SeededSamples(train_set), args, world, sampler=sampler,
-                           drop_last=True)
-    eval_loader = build_eval_loader(args, eval_set, world)
+    log.info("data: %d training and %d evaluation items", len(setup.train_set),
+             len(setup.eval_set))
+    log.info("model: %s, %.2f M parameters (%.2f M trainable)", args.model,
+             sum(p.numel() for p in model.parameters()) / 1e6,
+             sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6)
+    sampler = EpochSampler(setup.train_set, args.seed, world, setup.aug_repeats)
+    train_loader = make_loader(SeededSamples(setup.train_set), args, world, setup.collate,
+                               sampler=sampler, drop_last=True)
+    evaluation_loader = eval_loader(setup.eval_set, args, world,
+                                    setup.eval_collate or setup.collate)
     if len(train_loader) == 0:
-        raise SystemExit(f"{len(train_set)} training images make no batch of {args.batch_size} "
-                         f"per process")
-    global_batch = args.batch_size * world.world_size
-    lr = args.lr if args.lr is not None else args.lr_base * global_batch / args.lr_base_size
-    log.info("lr %.3g for a global batch of %d (%s)", lr, global_batch,
-             "--lr" if args.lr is not None else
-             f"{args.lr_base:g} * {global_batch} / {args.lr_base_size}")
-    optimizer = create_optimizer_v2(model, opt=args.opt, lr=lr, weight_decay=args.weight_decay)
-    warmup = min(args.warmup_epochs, args.epochs - 1)
-    if warmup != args.warmup_epochs:
-        log.warning("warmup of %d epochs clamped to %d for a %d-epoch run", args.warmup_epochs,
-                    warmup, args.epochs)
-    scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=args.epochs,
-                                       warmup_epochs=warmup, warmup_lr=args.warmup_lr,
-                                       min_lr=args.min_lr, step_on_epochs=False,
-                                       updates_per_epoch=len(train_loader))
-    mixup = (Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix,
-                   label_smoothing=args.smoothing, num_classes=len(classes))
-             if args.mixup > 0 or args.cutmix > 0 else None)
-    task = build_task(args, model, len(classes), mixup is not None, world.device)
+        raise SystemExit(f"{len(setup.train_set)} training items make no batch of "
+                         f"{args.batch_size} per process")
+    optimizer = create_optimizer_v2(model, opt=args.opt, lr=setup.lr,
+                                    weight_decay=args.weight_decay)
+    scheduler = setup.schedule(optimizer, len(train_loader))
     if world.world_size > 1:
-        task.prepare_distributed(device_ids=[world.device.index] if world.device.index is not None
-                                 else None)
+        setup.task.prepare_distributed([world.device.index] if world.device.index is not None
+                                       else None)
     ema = ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema else None
     scaler = torch.amp.GradScaler(world.device.type,
                                   enabled=args.amp and args.amp_dtype == "float16")
-    run = TrainingRun(args, world, classes, len(train_set), model, task, optimizer, scheduler,
-                      scaler, ema, mixup, len(train_loader))
-    return run, sampler, train_loader, eval_loader
+    run = TrainingRun(program, args, world, setup, optimizer, scheduler, scaler, ema,
+                      len(train_loader))
+    return run, sampler, train_loader, evaluation_loader
 
 
 def _train_epoch(run: TrainingRun, loader: DataLoader, sampler: EpochSampler,
@@ -975,20 +923,19 @@ def _train_epoch(run: TrainingRun, loader: DataLoader, sampler: EpochSampler,
     """Trains from ``run.step`` to the end of the epoch; False if a stop request came first."""
     run.task.train()
     sampler.set_position(run.epoch, run.step * run.args.batch_size)
-    with stop_signals_held():
-        batches = iter(loader)
-    started, images_before = time.perf_counter(), run.totals["images"]
-    bar = tqdm(batches, total=len(loader), initial=run.step, leave=False, dynamic_ncols=True,
-               desc=f"epoch {run.epoch + 1}/{run.args.epochs}", disable=not run.world.main)
+    started, items_before = time.perf_counter(), run.totals["items"]
+    bar = tqdm(batches(loader), total=len(loader), initial=run.step, leave=False,
+               dynamic_ncols=True, desc=f"epoch {run.epoch + 1}/{run.args.epochs}",
+               disable=not run.world.main)
     try:
-        for images, targets, skipped in bar:
+        for *batch, skipped in bar:
             if _stop_requested(stop, run.world):
                 return False
             run.totals["skipped"] += skipped
-            run.train_step(images, targets)
+            run.train_step(batch)
             elapsed = time.perf_counter() - started
             bar.set_postfix(lr=f"{run.optimizer.param_groups[0]['lr']:.2e}",
-                            img_s=f"{(run.totals['images'] - images_before) / elapsed:.0f}")
+                            items_s=f"{(run.totals['items'] - items_before) / elapsed:.1f}")
         return True
     finally:
         run.totals["seconds"] += time.perf_counter() - started
@@ -998,6 +945,24 @@ def _train_epoch(run: TrainingRun, loader: DataLoader, sampler: EpochSampler,
 def _stop_requested(stop: StopRequest, world: Distributed) -> bool:
     # Every process must stop at the same step, or the others wait forever in the next reduce.
     return world.sum(float(stop.requested))[0] > 0 if world.world_size > 1 else stop.requested
+
+
+def evaluate_checkpoint(program: str, args, model_flags: Iterable[str],
+                        build_evaluation: Callable) -> Tuple[Dict[str, float], Dict]:
+    """``--eval-only``: the checkpoint's model, rebuilt from its own settings with
+    ``build_evaluation(args, world, info) -> (model, task, eval_set, collate)``, with the weights
+    it names (raw or EMA), on the evaluation data. Returns the metrics and the checkpoint."""
+    saved = load_checkpoint(args.checkpoint, program)
+    args = settings_from_checkpoint(args, saved["config"], model_flags, "--eval-only")
+    world = Distributed(args.device)
+    try:
+        model, task, evaluation, collate = build_evaluation(args, world, saved["info"])
+        model.load_state_dict(saved[saved["weights"]])
+        model.to(world.device)
+        return task.evaluate(model, eval_loader(evaluation, args, world, collate), world,
+                             args), saved
+    finally:
+        world.close()
 
 
 def weights_checksum(model: torch.nn.Module) -> str:
@@ -1018,13 +983,11 @@ def _setup_logging(log_file: Optional[Path]) -> None:
 
 
 def _log_epoch(run: TrainingRun, row: Dict) -> None:
-    evaluation = row["eval"]
-    log.info("epoch %d/%d: train loss %.4f, eval top-1 %.2f%% top-5 %.2f%%%s, lr %.2e, "
-             "%.0f img/s, %.0f s", row["epoch"], run.args.epochs, row["train"]["loss"],
-             evaluation["top1"], evaluation["top5"],
-             f", EMA top-1 {evaluation['ema_top1']:.2f}%" if "ema_top1" in evaluation else "",
-             row["lr"], row["train"]["images_per_second"],
-             row["train"]["seconds"] + evaluation["seconds"])
+    evaluation = {k: v for k, v in row["eval"].items() if k != "seconds"}
+    log.info("epoch %d/%d: train loss %.4f, eval %s, lr %.2e, %.1f items/s, %.0f s",
+             row["epoch"], run.args.epochs, row["train"]["loss"],
+             ", ".join(f"{k} {v:.2f}" for k, v in evaluation.items()), row["lr"],
+             row["train"]["items_per_second"], row["train"]["seconds"] + row["eval"]["seconds"])
 
 
 def _write_metrics(path: Path, history: List[Dict]) -> None:
@@ -1048,21 +1011,20 @@ def _add_scalars(writer, row: Dict) -> None:
     writer.flush()
 
 
-def _plot(output: Path, history: List[Dict]) -> None:
+def _plot(output: Path, history: List[Dict], score: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     epochs = [row["epoch"] for row in history]
-    figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(10, 4))
+    figure, (loss_axis, metric_axis) = plt.subplots(1, 2, figsize=(10, 4))
     loss_axis.plot(epochs, [row["train"]["loss"] for row in history], marker="o")
     loss_axis.set(xlabel="epoch", ylabel="training loss", title="loss")
-    for key, label in (("top1", "top-1"), ("top5", "top-5"), ("ema_top1", "EMA top-1")):
-        if key in history[-1]["eval"]:
-            accuracy_axis.plot(epochs, [row["eval"][key] for row in history], marker="o",
-                               label=label)
-    accuracy_axis.set(xlabel="epoch", ylabel="accuracy (%)", title="evaluation")
-    accuracy_axis.legend()
+    metrics = [k for k in history[-1]["eval"] if k != "seconds"]
+    for key in [score, *(k for k in metrics if k != score)][:4]:
+        metric_axis.plot(epochs, [row["eval"][key] for row in history], marker="o", label=key)
+    metric_axis.set(xlabel="epoch", ylabel="evaluation", title="evaluation")
+    metric_axis.legend()
     figure.tight_layout()
     with atomic_file(output / "curves.png") as temporary:
         figure.savefig(temporary, dpi=100, format="png")

@@ -17,8 +17,8 @@ if "STOP_AT" in os.environ:
     epoch, step = map(int, os.environ["STOP_AT"].split(":"))
     train_step = engine.TrainingRun.train_step
 
-    def train_step_then_signal(run, images, targets):
-        train_step(run, images, targets)
+    def train_step_then_signal(run, batch):
+        train_step(run, batch)
         if (run.epoch + 1, run.step) == (epoch, step):
             subprocess.run(["sh", "-c", f"kill -TERM -{os.getpgrp()}"])
     engine.TrainingRun.train_step = train_step_then_signal

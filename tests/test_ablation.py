@@ -6,7 +6,7 @@ import pytest
 import timm
 
 import ablation
-import engine
+import imagenet
 from conftest import QUICK_TRAINING
 
 TINY_VIG = json.dumps(dict(channels=16, depth=2, head_hidden_size=16, heads=4, img_size=32,
@@ -47,12 +47,12 @@ def test_interrupted_reproduction_resumes_and_skips_finished_runs(image_folder, 
     gin = tmp_path / "ablation" / "aggregation" / "gin" / "seed0"
     (gin / "results.json").unlink()
     calls = []
-    train = engine.train
+    train = imagenet.train
 
     def recording_train(args):
         calls.append(args)
         return train(args)
-    monkeypatch.setattr(engine, "train", recording_train)
+    monkeypatch.setattr(imagenet, "train", recording_train)
     ablation.main(argv)
     assert [args.resume for args in calls] == [gin / "last.pth"]
     assert (gin / "results.json").is_file()

@@ -13,15 +13,15 @@ from timm.data.auto_augment import RandAugment
 
 import engine
 import imagenet
-from attvig_pyg.data import FashionMNIST
+from attvig_pyg.data import FashionMNIST, collate_skipping_failed
 
-RECIPE = engine.parse_args([])  # the defaults are the paper's recipe
+RECIPE = imagenet.parse_args([])  # the defaults are the paper's recipe
 
 
 def recipe_transform(img_size: int = 32):
-    model = engine.build_model(engine.parse_args(["--model", "resnet10t"]), 10)
-    args = engine.parse_args(["--img-size", str(img_size)])
-    return engine.build_transforms(args, engine.data_config(args, model))[0]
+    model = imagenet.build_model(imagenet.parse_args(["--model", "resnet10t"]), 10)
+    args = imagenet.parse_args(["--img-size", str(img_size)])
+    return imagenet.build_transforms(args, imagenet.data_config(args, model))[0]
 
 
 def test_the_defaults_are_the_paper_recipe():
@@ -51,10 +51,11 @@ def test_the_recipe_over_three_hundred_real_images():
     train.images, train.targets = train.images[:320], train.targets[:320]
     mixup = Mixup(mixup_alpha=RECIPE.mixup, cutmix_alpha=RECIPE.cutmix,
                   label_smoothing=RECIPE.smoothing, num_classes=10)
-    args = engine.parse_args(["--batch-size", "64", "--workers", "0"])
+    args = imagenet.parse_args(["--batch-size", "64", "--workers", "0"])
     world = engine.Distributed("cpu")
-    loader = engine._loader(engine.SeededSamples(train), args, world, drop_last=True,
-                            sampler=engine.EpochSampler(train, 0, world))
+    loader = engine.make_loader(engine.SeededSamples(train), args, world,
+                                collate_skipping_failed, drop_last=True,
+                                sampler=engine.EpochSampler(train, 0, world))
     batches = 0
     for images, targets, skipped in loader:
         images, targets = mixup(images, targets)

@@ -66,7 +66,7 @@ def test_one_epoch_and_evaluation_on_the_embedded_data(tmp_path, capsys):
     header = (output / "metrics.csv").read_text().splitlines()[0]
     assert header.startswith("epoch,train_loss,") and "eval_top1" in header
     log = (output / "train.log").read_text()
-    assert "10000 training and 10000 evaluation images" in log
+    assert "10000 training and 10000 evaluation items" in log
     assert "graph stage 1: 8x8 nodes, svga" in log
 
 
@@ -89,8 +89,8 @@ def test_sigterm_mid_epoch_then_resume_equals_the_uninterrupted_run(image_folder
 
     train_step = engine.TrainingRun.train_step
 
-    def signal_after_step_4_of_epoch_2(self, images, targets):
-        train_step(self, images, targets)
+    def signal_after_step_4_of_epoch_2(self, batch):
+        train_step(self, batch)
         if (self.epoch, self.step) == (1, 4):
             os.kill(os.getpid(), signal.SIGTERM)
     monkeypatch.setattr(engine.TrainingRun, "train_step", signal_after_step_4_of_epoch_2)
@@ -160,7 +160,8 @@ def test_resume_refuses_changed_settings(image_folder, tmp_path):
 def test_resume_with_other_training_data_is_refused(image_folder, tmp_path):
     run(["--data-dir", image_folder, "--epochs", "1"], tmp_path)
     (image_folder / "train" / "class_0" / "0.png").unlink()
-    with pytest.raises(SystemExit, match="trained on 24 images of 3 classes; the data now has 23"):
+    with pytest.raises(SystemExit, match="the data differs from the run's: train_images: the "
+                                         "run had 24, now 23"):
         imagenet.main(["--resume", str(tmp_path / "run" / "last.pth")])
 
 
@@ -175,7 +176,8 @@ def test_eval_only_rebuilds_the_model_from_the_checkpoint(image_folder, tmp_path
     capsys.readouterr()
     imagenet.main(["--eval-only", "--checkpoint", str(tmp_path / "run" / "best.pth")])
     printed = capsys.readouterr().out
-    assert f"(model weights, epoch {best['epoch']}): top-1 {best['top1']:.2f}%" in printed
+    assert best["metric"] == "top1"
+    assert f"(model weights, epoch {best['epoch']}): top-1 {best['score']:.2f}%" in printed
     assert "on 12 images" in printed
     with pytest.raises(SystemExit, match=r"--eval-only(.|\n)*--graph: the run has \"dagc\", this "
                                          r"command \"svga\""):
@@ -315,7 +317,7 @@ def test_hard_distillation_with_a_local_teacher(image_folder, tmp_path):
 def test_corrupt_images_are_skipped_and_counted(image_folder, tmp_path):
     (image_folder / "train" / "class_0" / "broken.png").write_bytes(b"not an image at all")
     run(["--data-dir", image_folder, "--epochs", "1"], tmp_path)
-    assert "skipped 1 unreadable training images" in (tmp_path / "run" / "train.log").read_text()
+    assert "skipped 1 unreadable training items" in (tmp_path / "run" / "train.log").read_text()
 
 
 def test_a_failing_transform_is_not_an_unreadable_image(image_folder):
@@ -373,7 +375,7 @@ def test_output_under_a_file_is_named(image_folder, tmp_path):
 ])
 def test_bad_arguments(args, message, capsys):
     with pytest.raises(SystemExit):
-        engine.parse_args([*QUICK, *map(str, args)])
+        imagenet.parse_args([*QUICK, *map(str, args)])
     assert message in capsys.readouterr().err
 
 
