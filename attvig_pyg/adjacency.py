@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False)
 class CyclicNeighbours:
     r"""One part of a :class:`CyclicAdjacency`: node :obj:`cycles[p, t]` receives from node
     :obj:`cycles[p, (t - o) % T]` for every offset :obj:`o = offsets[i]` where
@@ -21,11 +21,18 @@ class CyclicNeighbours:
             :obj:`T` (offset 0 is a self-loop).
         mask (BoolTensor, optional): :obj:`[num_cycles, T, len(offsets)]`: which candidates are
             edges. (default: :obj:`None`, all)
+        inverse (LongTensor, optional): For a part whose cycles hold every node of the graph
+            exactly once (a permutation of the nodes, as the SVGA and DAGC builders make them):
+            :obj:`[num_nodes]`, where each node sits in :obj:`cycles.flatten()`. The kernels
+            then move values between nodes and cycles by gathering alone, which is faster than
+            scattering. :meth:`permutation` builds it; :class:`CyclicAdjacency` checks it.
+            (default: :obj:`None`)
     """
 
     cycles: Tensor
     offsets: Tuple[int, ...]
     mask: Optional[Tensor] = None
+    inverse: Optional[Tensor] = None
 
     def __post_init__(self):
         if not isinstance(self.cycles, Tensor) or self.cycles.dim() != 2 or \
@@ -38,13 +45,29 @@ class CyclicNeighbours:
                 len({o % max(length, 1) for o in offsets}) != len(offsets):
             raise ValueError(f"Expected 'offsets' as distinct ints modulo the cycle length "
                              f"{length} (got {self.offsets})")
-        object.__setattr__(self, "offsets", offsets)
+        self.offsets = offsets
         expected = (*self.cycles.shape, len(offsets))
         if self.mask is not None and (not isinstance(self.mask, Tensor) or
                                       self.mask.dtype != torch.bool or
                                       tuple(self.mask.shape) != expected):
             raise ValueError(f"Expected 'mask' as a bool tensor of shape {list(expected)} "
                              f"[num_cycles, T, len(offsets)] (got {_describe(self.mask)})")
+        if self.inverse is not None and (not isinstance(self.inverse, Tensor) or
+                                         self.inverse.dtype != torch.long or
+                                         tuple(self.inverse.shape) != (self.cycles.numel(),)):
+            raise ValueError(f"Expected 'inverse' as a long tensor of shape "
+                             f"[{self.cycles.numel()}] (one entry per node of the cycles; got "
+                             f"{_describe(self.inverse)})")
+
+    @classmethod
+    def permutation(cls, cycles: Tensor, offsets: Sequence[int],
+                    mask: Optional[Tensor] = None) -> "CyclicNeighbours":
+        """A part whose :obj:`cycles` hold every node of the graph exactly once, with its
+        :obj:`inverse`."""
+        flat = cycles.flatten()
+        inverse = torch.empty_like(flat).scatter_(0, flat, torch.arange(
+            flat.numel(), device=flat.device))
+        return cls(cycles, tuple(offsets), mask, inverse)
 
     @property
     def num_candidates(self) -> int:
@@ -62,7 +85,7 @@ class CyclicNeighbours:
         return self.cycles[:, self.behind()]
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False)
 class CyclicAdjacency:
     r"""A graph on :obj:`num_nodes` nodes: the union of the edges of its :class:`CyclicNeighbours`
     parts (an edge listed by two parts is two edges, as in an :obj:`edge_index` with a repeated
@@ -73,14 +96,15 @@ class CyclicAdjacency:
     :obj:`[num_cycles, T, len(offsets)]`, skipping masked candidates.
 
     Construction checks every invariant (shapes, dtypes, node ids in range), except the node ids
-    while :func:`torch.compile` traces (a data-dependent check).
+    while :func:`torch.compile` traces (a data-dependent check). The graph builders cache their
+    adjacencies: do not modify one in place.
     """
 
     parts: Tuple[CyclicNeighbours, ...]
     num_nodes: int
 
     def __post_init__(self):
-        object.__setattr__(self, "parts", tuple(self.parts))
+        self.parts = tuple(self.parts)
         if not all(isinstance(part, CyclicNeighbours) for part in self.parts):
             raise TypeError("Expected 'parts' as CyclicNeighbours")
         if not isinstance(self.num_nodes, int) or self.num_nodes < 0:
@@ -95,6 +119,12 @@ class CyclicAdjacency:
                 raise IndexError(f"A CyclicAdjacency part holds node ids in "
                                  f"[{int(part.cycles.min())}, {int(part.cycles.max())}], outside "
                                  f"[0, {self.num_nodes - 1}]")
+            if part.inverse is not None and (
+                    part.inverse.numel() != self.num_nodes or not torch.equal(
+                        part.cycles.flatten()[part.inverse],
+                        torch.arange(self.num_nodes, device=part.inverse.device))):
+                raise ValueError("A CyclicAdjacency part has an 'inverse' but its cycles are not "
+                                 f"a permutation of the {self.num_nodes} nodes")
 
     @property
     def device(self) -> torch.device:
@@ -105,7 +135,7 @@ class CyclicAdjacency:
         candidate set: DAGC)."""
         if len(masks) != len(self.parts):
             raise ValueError(f"Expected {len(self.parts)} masks, one per part (got {len(masks)})")
-        parts = tuple(CyclicNeighbours(part.cycles, part.offsets, mask)
+        parts = tuple(CyclicNeighbours(part.cycles, part.offsets, mask, part.inverse)
                       for part, mask in zip(self.parts, masks))
         return CyclicAdjacency(parts, self.num_nodes)
 

@@ -311,3 +311,17 @@ def test_bad_cyclic_adjacency():
     adjacency = svga_adjacency(1, 4, 4, 2)
     with pytest.raises(ValueError, match="Expected 2 masks, one per part"):
         adjacency.with_masks([None])
+    with pytest.raises(ValueError, match=r"'inverse' as a long tensor of shape \[12\]"):
+        CyclicNeighbours(torch.arange(12).view(3, 4), (1,), inverse=torch.arange(11))
+    repeated = CyclicNeighbours(cycles, (1,), inverse=torch.arange(12))  # node 0, 12 times
+    with pytest.raises(ValueError, match="not a permutation of the 12 nodes"):
+        CyclicAdjacency([repeated], num_nodes=12)
+
+
+def test_grid_parts_are_permutations_with_their_inverse():
+    for adjacency in (svga_adjacency(2, 7, 5, (3, 2), self_loops=True),
+                      build_graph("dagc", torch.randn(2, 4, 6, 6), k=2, cyclic=True)):
+        for part in adjacency.parts:
+            flat = part.cycles.flatten()
+            assert torch.equal(flat.sort().values, torch.arange(adjacency.num_nodes))
+            assert torch.equal(flat[part.inverse], torch.arange(adjacency.num_nodes))

@@ -76,5 +76,6 @@ def axial_parts(batch_size: int, height: int, width: int, steps: Tuple[int, int]
     # Row cycles, ordered (image, row, cycle): node b*H*W + h*W + w for w along the cycle.
     rows = image + torch.arange(height).view(1, -1, 1, 1) * width + \
         along_w.view(1, 1, *along_w.shape)
-    return (CyclicNeighbours(columns.flatten(0, 2).to(device), offsets_h),
-            CyclicNeighbours(rows.flatten(0, 2).to(device), offsets_w))
+    # Each part holds every node once: permutations.
+    return (CyclicNeighbours.permutation(columns.flatten(0, 2).to(device), offsets_h),
+            CyclicNeighbours.permutation(rows.flatten(0, 2).to(device), offsets_w))
