@@ -44,7 +44,8 @@ def knn_graph(x: Tensor, k: int, *, dilation: int = 1, self_loops: bool = True,
     Returns:
         :class:`~torch_geometric.EdgeIndex` :obj:`[2, B * H * W * k]` (a LongTensor), grouped by
         receiving node and marked as sorted by target, so that convs with fused message passing
-        (:class:`~attvig_pyg.nn.CrossAttnConv`) take their fused path on it.
+        (:class:`~attvig_pyg.nn.CrossAttnConv`) take their fused path on it. While
+        :func:`torch.compile` traces: the same edges as a plain LongTensor.
     """
     x = as_feature_map(x, grid_size)
     batch_size, channels, height, width = x.shape
@@ -82,6 +83,9 @@ def knn_graph(x: Tensor, k: int, *, dilation: int = 1, self_loops: bool = True,
     source = nearest + offsets
     target = (torch.arange(nodes, device=x.device).view(1, -1, 1) + offsets).expand_as(source)
     edges = torch.stack([source.reshape(-1), target.reshape(-1)])
+    if torch.compiler.is_compiling():
+        # EdgeIndex, a tensor subclass, does not trace; compiled convs do not fuse on it anyway.
+        return edges
     return EdgeIndex(edges, sparse_size=(batch_size * nodes, batch_size * nodes),
                      sort_order="col")
 

@@ -20,6 +20,8 @@ from timm.models._manipulate import checkpoint_seq
 
 from attvig_pyg.graphs import GRAPH_POLICIES, build_graph
 from attvig_pyg.graphs.grid import IntOrPair, as_pair, default_steps
+from attvig_pyg.models.fusion import fuse_batchnorm
+from attvig_pyg.models.recompute import recompute_in_backward
 from attvig_pyg.nn import CrossAttnConv, MaxRelativeConv
 
 __all__ = ["AttentionViG"]
@@ -36,12 +38,35 @@ def conv_bn(in_chs: int, out_chs: int, kernel_size: int = 1, stride: int = 1,
                                    groups=groups), nn.BatchNorm2d(out_chs))
 
 
+def conv_bn_chain(chain: nn.Sequential, x: Tensor, recompute: bool) -> Tensor:
+    """``chain(x)`` for a chain conv_bn, ..., conv_bn. With ``recompute``, what lies between
+    the first conv and the last conv_bn (BatchNorms, GELUs, a depthwise conv: cheap to run,
+    large to keep) keeps only its input for backward and runs again there."""
+    def middle(h: Tensor) -> Tensor:
+        h = chain[0][1](h)
+        for index in range(1, len(chain) - 1):
+            h = chain[index](h)
+        return h
+
+    h = chain[0][0](x)
+    h = recompute_in_backward(middle, h, chain) if recompute else middle(h)
+    return chain[-1](h)
+
+
 class Stem(nn.Sequential):
-    """Two 3x3 stride-2 convs, each followed by BN and GELU: 1/4 resolution."""
+    """Two 3x3 stride-2 convs, each followed by BN and GELU: 1/4 resolution.
+
+    The network computes in the channels-last memory layout from here on (values unchanged):
+    its depthwise and 1x1 convs are fastest in it on the CPU, and the Grapher's node view of a
+    map ([B * H * W, C]) is then free.
+    """
 
     def __init__(self, in_chs: int, out_chs: int):
         super().__init__(conv_bn(in_chs, out_chs // 2, 3, 2), nn.GELU(),
                          conv_bn(out_chs // 2, out_chs, 3, 2), nn.GELU())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x.contiguous(memory_format=torch.channels_last))
 
 
 class InvertedResidual(nn.Module):
@@ -56,9 +81,11 @@ class InvertedResidual(nn.Module):
                                  conv_bn(hidden, dim))
         self.layer_scale = nn.Parameter(torch.full((dim,), layer_scale_init_value))
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.recompute = True  # AttentionViG.set_activation_recompute
 
     def forward(self, x: Tensor) -> Tensor:
-        return x + self.drop_path(self.layer_scale.view(-1, 1, 1) * self.mlp(x))
+        mlp = conv_bn_chain(self.mlp, x, self.recompute)
+        return x + self.drop_path(self.layer_scale.view(-1, 1, 1) * mlp)
 
 
 class GraphMixer(nn.Module):
@@ -107,7 +134,8 @@ class GraphMixer(nn.Module):
             return self.knn_k, self.knn_dilation
         k = min(self.knn_k, nodes)
         dilation = max(1, min(self.knn_dilation, nodes // k))
-        if (height, width) not in self._clamp_warned:
+        # (The warning comes from eager runs: logging would break a compiled graph.)
+        if (height, width) not in self._clamp_warned and not torch.compiler.is_compiling():
             self._clamp_warned.add((height, width))
             log.warning("kNN: k=%d, dilation=%d needs %d nodes but a %dx%d map has %d; using "
                         "k=%d, dilation=%d", self.knn_k, self.knn_dilation,
@@ -151,10 +179,12 @@ class GrapherBlock(nn.Module):
         self.layer_scale_1 = nn.Parameter(torch.full((dim,), layer_scale_init_value))
         self.layer_scale_2 = nn.Parameter(torch.full((dim,), layer_scale_init_value))
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.recompute = True  # AttentionViG.set_activation_recompute
 
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.drop_path(self.layer_scale_1.view(-1, 1, 1) * self.mixer(x))
-        return x + self.drop_path(self.layer_scale_2.view(-1, 1, 1) * self.ffn(x))
+        ffn = conv_bn_chain(self.ffn, x, self.recompute)
+        return x + self.drop_path(self.layer_scale_2.view(-1, 1, 1) * ffn)
 
 
 class Stage(nn.Module):
@@ -187,7 +217,8 @@ class AttentionViG(nn.Module):
     Args:
         depths: Inverted residual blocks per stage.
         dims: Channels per stage.
-        graphers: Grapher blocks per stage (the paper uses two everywhere).
+        graphers: Grapher blocks per stage, an int for every stage or one per stage (the paper
+            uses two everywhere; GreedyViG-B 4, 4, 4, 3).
         in_chans: Input channels.
         num_classes: Classes of both classifiers (0: no classifier, features only).
         global_pool: ``"avg"`` or ``""`` (no pooling in :meth:`forward_head`).
@@ -212,7 +243,7 @@ class AttentionViG(nn.Module):
             self,
             depths: Sequence[int] = (2, 2, 6, 2),
             dims: Sequence[int] = (48, 96, 192, 384),
-            graphers: int = 2,
+            graphers: Union[int, Sequence[int]] = 2,
             in_chans: int = 3,
             num_classes: int = 1000,
             global_pool: str = "avg",
@@ -237,6 +268,10 @@ class AttentionViG(nn.Module):
                              f"and {len(dims)})")
         if graph_k is not None and len(graph_k) != len(dims):
             raise ValueError(f"'graph_k' needs one entry per stage ({len(dims)}), got {graph_k}")
+        graphers = [graphers] * len(dims) if isinstance(graphers, int) else list(graphers)
+        if len(graphers) != len(dims) or any(g < 0 for g in graphers):
+            raise ValueError(f"'graphers' needs an int >= 0 or one per stage ({len(dims)}), got "
+                             f"{graphers}")
         if global_pool not in ("avg", ""):
             raise ValueError(f"Unknown global_pool '{global_pool}' (expected 'avg' or '')")
         self.num_classes = num_classes
@@ -249,12 +284,12 @@ class AttentionViG(nn.Module):
         self.distilled_training = False
 
         self.stem = Stem(in_chans, dims[0])
-        rates = torch.linspace(0, drop_path_rate, sum(depths) + graphers * len(depths)).tolist()
+        rates = torch.linspace(0, drop_path_rate, sum(depths) + sum(graphers)).tolist()
         stages, self.feature_info = [], []
-        for i, (depth, dim) in enumerate(zip(depths, dims)):
-            block_rates, rates = rates[:depth + graphers], rates[depth + graphers:]
+        for i, (depth, dim, count) in enumerate(zip(depths, dims, graphers)):
+            block_rates, rates = rates[:depth + count], rates[depth + count:]
             stages.append(Stage(
-                dims[max(i - 1, 0)], dim, depth, graphers, i > 0, block_rates,
+                dims[max(i - 1, 0)], dim, depth, count, i > 0, block_rates,
                 layer_scale_init_value,
                 graph=graph, aggregator=aggregator, k=None if graph_k is None else graph_k[i],
                 knn_k=knn_k, knn_dilation=knn_dilation, heads=heads, head_dim=head_dim,
@@ -324,6 +359,24 @@ class AttentionViG(nn.Module):
             self.head_dist = (nn.Linear(self.head_hidden_size, num_classes) if num_classes
                               else nn.Identity())
 
+    def reparameterize(self) -> "AttentionViG":
+        """For inference: every BatchNorm folded into the convolution before it, in place, with
+        the running statistics (eval mode). The outputs stay the same; the model runs faster.
+        (timm's ``reparameterize_model`` cannot walk a model holding PyG convs: see
+        :mod:`attvig_pyg.models.fusion`.)"""
+        return fuse_batchnorm(self)
+
+    def set_activation_recompute(self, enable: bool = True) -> "AttentionViG":
+        """Whether the blocks recompute their BatchNorm, GELU and depthwise-conv activations in
+        backward instead of keeping them (default on: training memory for a few percent of
+        time; the gradients are the same bit for bit). The aggregation is always recomputed.
+        Unlike :meth:`set_grad_checkpointing` no convolution runs twice except the depthwise
+        ones."""
+        for block in self.modules():
+            if isinstance(block, (InvertedResidual, GrapherBlock)):
+                block.recompute = enable
+        return self
+
     # ---- cross-attention temperatures ----------------------------------------------------
 
     def freeze_beta(self) -> "AttentionViG":
@@ -355,7 +408,11 @@ class AttentionViG(nn.Module):
         """Per stage: grid size, graph policy, its parameters and the neighbours per node."""
         summary = []
         for stage, (height, width) in zip(self.stages, self.stage_sizes(img_size)):
-            mixer = stage.blocks[-1].mixer
+            graphers = [block for block in stage.blocks if isinstance(block, GrapherBlock)]
+            if not graphers:
+                summary.append(dict(grid=(height, width), graph="none", neighbours=0))
+                continue
+            mixer = graphers[-1].mixer
             entry = dict(grid=(height, width), graph=mixer.graph)
             if mixer.graph == "knn":
                 k, dilation = mixer.knn_params(height, width)

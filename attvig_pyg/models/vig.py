@@ -7,6 +7,7 @@ How each PyG conv is configured to match the original ViG variant, and what stil
 written down in docs/ablation.md.
 """
 import math
+import re
 from typing import Dict, List, Optional
 
 import torch
@@ -19,6 +20,8 @@ from torch_geometric.nn import EdgeConv, GINConv, SAGEConv
 
 from attvig_pyg.graphs import GRAPH_POLICIES, build_graph
 from attvig_pyg.graphs.grid import default_steps
+from attvig_pyg.models.checkpoints import check_fits, unwrap_state_dict
+from attvig_pyg.models.fusion import fuse_batchnorm
 from attvig_pyg.nn import CrossAttnConv, GroupedLinear, MaxRelativeConv
 
 __all__ = ["ViG", "vig_ti", "vig_s", "vig_b", "AGGREGATORS"]
@@ -205,6 +208,11 @@ class ViG(nn.Module):
             summary.append(entry)
         return summary
 
+    def reparameterize(self) -> "ViG":
+        """For inference: BatchNorm folded into the maps before it, in place (see
+        :meth:`AttentionViG.reparameterize`)."""
+        return fuse_batchnorm(self)
+
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.head
@@ -236,17 +244,71 @@ class ViG(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
+# The official Vision GNN code's names (vig_pytorch/vig.py, gcn_lib) -> this layout's, for the
+# max-relative ViG (its "mr" conv, which interleaves [x_c, r_c] before a groups=4 1x1 conv as
+# MaxRelativeConv does: no re-ordering, only names and the 1x1 convs' trailing dimensions).
+OFFICIAL_LAYERS = [
+    (r"stem\.convs\.(\d+)\.", r"stem.\1."),
+    (r"backbone\.(\d+)\.0\.(fc1|fc2)\.", r"blocks.\1.0.\2."),
+    (r"backbone\.(\d+)\.0\.graph_conv\.gconv\.nn\.0\.", r"blocks.\1.0.conv.conv.lin.conv."),
+    (r"backbone\.(\d+)\.0\.graph_conv\.gconv\.nn\.1\.", r"blocks.\1.0.conv.conv.norm.module."),
+    (r"backbone\.(\d+)\.1\.fc1\.0\.", r"blocks.\1.1.mlp.0."),
+    (r"backbone\.(\d+)\.1\.fc1\.1\.", r"blocks.\1.1.mlp.1."),
+    (r"backbone\.(\d+)\.1\.fc2\.0\.", r"blocks.\1.1.mlp.3."),
+    (r"backbone\.(\d+)\.1\.fc2\.1\.", r"blocks.\1.1.mlp.4."),
+    (r"prediction\.([01])\.", r"pre_logits.\1."),
+    (r"prediction\.4\.", r"head."),
+    (r"pos_embed$", r"pos_embed"),
+]
+
+
+def checkpoint_filter_fn(state_dict, model: "ViG") -> Dict[str, Tensor]:
+    """timm's hook for pretrained weights: an official Vision GNN state dict (``vig_ti_224_gelu``
+    and the other isotropic max-relative models; ``model`` / ``state_dict`` wrappers and
+    ``module.`` prefixes accepted) in this layout, for ``aggregator="max_relative"``; a state
+    dict of this layout passes unchanged. Raises ValueError, naming the keys, where it does not
+    fit ``model``."""
+    state_dict = unwrap_state_dict(state_dict)
+    if "stem.convs.0.weight" not in state_dict:  # already this layout
+        return state_dict
+    if model.aggregator != "max_relative":
+        raise ValueError(f"An official Vision GNN checkpoint holds max-relative graph convs; "
+                         f"this model aggregates with '{model.aggregator}'")
+    mapped = {}
+    for key, value in state_dict.items():
+        name = next((re.sub(old, new, key) for old, new in OFFICIAL_LAYERS
+                     if re.match(old, key)), None)
+        if name is None or name in mapped:
+            raise ValueError(f"Vision GNN checkpoint key '{key}' has no place in ViG")
+        if value.dim() == 4 and value.shape[-2:] == (1, 1) and (
+                name.endswith("lin.conv.weight") or name == "head.weight"):
+            value = value.flatten(2) if name.endswith("lin.conv.weight") else value.flatten(1)
+        mapped[name] = value
+    check_fits(mapped, model, "the Vision GNN checkpoint", classifiers=("head",))
+    return mapped
+
+
 def _cfg(**kwargs) -> Dict:
     return dict(num_classes=1000, input_size=(3, 224, 224), pool_size=None, crop_pct=0.9,
                 interpolation="bicubic", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
-                first_conv="stem.0", classifier="head", license="mit", **kwargs)
+                first_conv="stem.0", classifier="head", **kwargs)
 
 
-default_cfgs = generate_default_cfgs({"vig_ti": _cfg(), "vig_s": _cfg(), "vig_b": _cfg()})
+default_cfgs = generate_default_cfgs({
+    "vig_ti.in1k": _cfg(
+        origin_url="https://github.com/huawei-noah/Efficient-AI-Backbones",
+        paper_ids="arXiv:2206.00272",
+        notes=("the official vig_ti_224_gelu ImageNet-1K weights (73.9 % top-1) load into "
+               "vig_ti(aggregator='max_relative'); nothing is downloaded: pass the local file "
+               "with pretrained_cfg_overlay=dict(file=...)",)),
+    "vig_s": _cfg(),
+    "vig_b": _cfg(),
+})
 
 
 def _create(variant: str, pretrained: bool, defaults: Dict, **kwargs) -> ViG:
     return build_model_with_cfg(ViG, variant, pretrained, feature_cfg=dict(flatten_sequential=True),
+                                pretrained_filter_fn=checkpoint_filter_fn,
                                 **dict(defaults, **kwargs))
 
 

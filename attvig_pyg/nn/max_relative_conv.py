@@ -2,6 +2,7 @@ from typing import Any, Tuple, Union
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from torch_geometric.nn.conv import MessagePassing
 from torch_geometric.nn.resolver import activation_resolver, normalization_resolver
@@ -95,6 +96,17 @@ class MaxRelativeConv(MessagePassing):
         self.lin.reset_parameters()
         if self.norm is not None:
             self.norm.reset_parameters()
+
+    @torch.no_grad()
+    def reparameterize(self) -> "MaxRelativeConv":
+        """For inference: folds a BatchNorm :obj:`norm` into the linear map before it, with its
+        running statistics (the conv then computes the same in eval mode, one pass fewer)."""
+        # PyG's BatchNorm (what norm="batch_norm" resolves to) holds a torch BatchNorm1d.
+        norm = getattr(self.norm, "module", self.norm)
+        if isinstance(norm, torch.nn.BatchNorm1d):
+            self.lin.conv = fuse_conv_bn_eval(self.lin.conv.eval(), norm.eval())
+            self.norm = None
+        return self
 
     def forward(self, x: Union[Tensor, PairTensor], edge_index: Adj) -> Tensor:
         r"""Runs the forward pass of the module.

@@ -1,0 +1,83 @@
+"""Activation recomputation: the same gradients and BatchNorm statistics as the plain path, bit
+for bit, with fewer activations kept for backward."""
+import copy
+
+import pytest
+import timm
+import torch
+
+import attvig_pyg  # noqa: F401
+from attvig_pyg.models.recompute import recompute_in_backward
+
+
+def saved_bytes(function, model) -> int:
+    """Bytes of the activations (not ``model``'s parameters) autograd keeps for backward while
+    ``function`` runs."""
+    total = 0
+    parameters = {p.data_ptr() for p in model.parameters()}
+
+    def pack(tensor):
+        nonlocal total
+        if tensor.data_ptr() not in parameters:
+            total += tensor.numel() * tensor.element_size()
+        return tensor
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        function()
+    return total
+
+
+def train_step(model, images):
+    torch.manual_seed(1)  # the same drop-path draws on both paths
+    model.train()
+    loss = model(images).square().mean()
+    loss.backward()
+    return loss
+
+
+@pytest.mark.parametrize("aggregator", ["cross_attn", "max_relative"])
+def test_recomputation_gives_the_plain_gradients_and_statistics_bit_for_bit(aggregator):
+    torch.manual_seed(0)
+    recomputing = timm.create_model("attentionvig_s", num_classes=10, aggregator=aggregator,
+                                    drop_path_rate=0.1)
+    plain = copy.deepcopy(recomputing).set_activation_recompute(False)
+    images = torch.randn(2, 3, 64, 64)
+    assert torch.equal(train_step(recomputing, images), train_step(plain, images))
+    for (name, a), b in zip(recomputing.named_parameters(), plain.parameters()):
+        assert torch.equal(a.grad, b.grad), name
+    # BatchNorm's running statistics moved once, not once more in the recomputation.
+    for (name, a), b in zip(recomputing.named_buffers(), plain.buffers()):
+        assert torch.equal(a, b), name
+
+
+def test_recomputation_keeps_fewer_activations():
+    torch.manual_seed(0)
+    model = timm.create_model("attentionvig_s", num_classes=10).train()
+    images = torch.randn(2, 3, 96, 96)
+    recomputing = saved_bytes(lambda: model(images).sum(), model)
+    model.set_activation_recompute(False)
+    plain = saved_bytes(lambda: model(images).sum(), model)
+    assert recomputing < 0.7 * plain, (recomputing, plain)
+
+
+def test_recompute_in_backward_under_autocast_matches_the_plain_path():
+    torch.manual_seed(0)
+    layers = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU(), torch.nn.Linear(8, 8))
+    x = torch.randn(4, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = recompute_in_backward(layers, x, layers)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    grads = [x.grad.clone(), *[p.grad.clone() for p in layers.parameters()]]
+    x.grad = None
+    layers.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layers(x).float().sum().backward()
+    for a, b in zip(grads, [x.grad, *[p.grad for p in layers.parameters()]]):
+        assert torch.equal(a, b)
+
+
+def test_without_gradients_nothing_is_wrapped():
+    layers = torch.nn.Linear(3, 3)
+    with torch.no_grad():
+        out = recompute_in_backward(layers, torch.randn(2, 3), layers)
+    assert out.grad_fn is None
