@@ -14,22 +14,30 @@ import torch
 from benchmarking import (environment, markdown_table, measure, multiply_adds, run_isolated,
                           update_section, worker_output)
 
-MODELS = ["attentionvig_s", "resnet50"]
+# attentionvig_s: the paper's fine-tuning (every stage, BatchNorm statistics fixed); with
+# "-tv": torchvision's resnet50 recipe (3 trainable stages, frozen BatchNorm).
+MODELS = ["attentionvig_s", "attentionvig_s-tv", "resnet50"]
 PEER = "resnet50"
+# (batch, height, width); Mask R-CNN's transform resizes to the task's size and no further.
 TASKS = {"inference": (1, 800, 1216), "train": (2, 512, 512)}
 
 
-def detector(name: str):
+def detector(name: str, task: str):
     from torchvision.models.detection import MaskRCNN, maskrcnn_resnet50_fpn
 
     import attvig_pyg  # noqa: F401
     from attvig_pyg.models import attentionvig_fpn_backbone
 
+    _, height, width = TASKS[task]
+    sizes = dict(min_size=min(height, width), max_size=max(height, width))
     if name == PEER:  # torchvision's: frozen BatchNorm, 3 trainable stages
-        return maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=81)
+        return maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=81,
+                                     **sizes)
     import timm
-    backbone = attentionvig_fpn_backbone(timm.create_model(name, num_classes=0))
-    return MaskRCNN(backbone, num_classes=81)
+    settings = dict(trainable_stages=3, norm="frozen") if name.endswith("-tv") else {}
+    backbone = attentionvig_fpn_backbone(
+        timm.create_model(name.removesuffix("-tv"), num_classes=0), **settings)
+    return MaskRCNN(backbone, num_classes=81, **sizes)
 
 
 def targets(batch: int, height: int, width: int):
@@ -49,7 +57,7 @@ def targets(batch: int, height: int, width: int):
 
 def worker(task: str, name: str, repeats: int) -> None:
     torch.manual_seed(0)
-    model = detector(name)
+    model = detector(name, task)
     batch, height, width = TASKS[task]
     images = [torch.rand(3, height, width) for _ in range(batch)]
     if task == "inference":
@@ -110,7 +118,7 @@ def main() -> None:
         peer = best[(task, PEER)]
         for name in MODELS:
             result = best[(task, name)]
-            macs = best[("inference", name)]["backbone_macs"]
+            macs = best[("inference", name)]["backbone_macs"]  # at 800x1216
             rows.append([f"{task} ({batch} x {height}x{width})", name,
                          f"{macs / 1e9:.1f}", f"{result['time_s'] * 1000:.0f}",
                          f"{result['time_s'] / peer['time_s']:.2f}x", f"{result['peak_mib']:.0f}",
@@ -120,11 +128,13 @@ def main() -> None:
     command = "python experiments/benchmark_detection.py " + " ".join(sys.argv[1:])
     body = (f"Command: `{command.strip()}` ({environment()}; untrained weights, 81 classes; "
             f"best of {args.rounds} interleaved rounds x {args.repeats} steps, each in a fresh "
-            "process). AttentionViG-S: `attentionvig_fpn_backbone` defaults (every stage "
-            "trainable, BatchNorm in eval mode, beta frozen); resnet50: torchvision's "
-            "`maskrcnn_resnet50_fpn` (frozen BatchNorm, 3 trainable stages). Same Mask R-CNN heads "
-            "and FPN (256 channels). Training: RPN, box and mask losses of 8 boxes per image, "
-            "backward, AdamW step. Memory: peak RSS of one step minus the RSS before it.\n\n"
+            "process). attentionvig_s: `attentionvig_fpn_backbone` defaults, the paper's "
+            "fine-tuning (every stage trainable, BatchNorm statistics fixed, beta frozen); "
+            "attentionvig_s-tv: torchvision's recipe for its resnet50 (3 trainable stages, frozen "
+            "BatchNorm); resnet50: torchvision's `maskrcnn_resnet50_fpn`. Same Mask R-CNN heads and "
+            "FPN (256 channels); each detector's transform resizes to the task's input size. "
+            "Training: RPN, box and mask losses of 8 boxes per image, backward, AdamW step. "
+            "Memory: peak RSS of one step minus the RSS before it.\n\n"
             + table)
     update_section("Mask R-CNN: AttentionViG-S FPN against resnet50-FPN", body)
     print(table)

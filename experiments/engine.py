@@ -41,6 +41,7 @@ from timm.utils import (ModelEmaV3, dispatch_clip_grad, distribute_bn, init_dist
                         update_summary)
 
 import attvig_pyg  # noqa: F401  (registers AttentionViG and the ViG harness with timm)
+from attvig_pyg.models.fusion import fuse_batchnorm
 
 log = logging.getLogger("engine")
 
@@ -69,6 +70,11 @@ def add_model_arguments(parser: argparse.ArgumentParser, model: str = "attention
     group.add_argument("--model-kwargs", type=json.loads, default={},
                        help="more model constructor arguments, as JSON")
     group.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth rate")
+    group.add_argument("--pretrained", type=Path, default=None,
+                       help="initial weights: a checkpoint of these programs (the weights it "
+                            "names), a timm state dict, or an official GreedyViG / Vision GNN "
+                            "file (mapped; docs/checkpoints.md); classifiers of another size are "
+                            "left out")
 
 
 def add_training_arguments(parser: argparse.ArgumentParser, epochs: int, batch_size: int,
@@ -88,6 +94,10 @@ def add_training_arguments(parser: argparse.ArgumentParser, epochs: int, batch_s
     group.add_argument("--amp", action="store_true", help="mixed precision (autocast)")
     group.add_argument("--amp-dtype", choices=["bfloat16", "float16"], default="bfloat16")
     group.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes")
+    group.add_argument("--torch-compile", nargs="?", const="inductor", default=None,
+                       metavar="BACKEND",
+                       help="train and evaluate the torch.compile'd model (default backend: "
+                            "inductor); the first step's time, the compilation, is logged")
     group.add_argument("--workers", type=int, default=4, help="data loading processes")
     return group
 
@@ -150,7 +160,8 @@ def _problems(args) -> Iterator[str]:
         yield "--eval-only needs --checkpoint PATH"
     if args.eval_only and args.resume:
         yield "--eval-only and --resume exclude each other"
-    for flag, path in (("--checkpoint", args.checkpoint), ("--resume", args.resume)):
+    for flag, path in (("--checkpoint", args.checkpoint), ("--resume", args.resume),
+                       ("--pretrained", args.pretrained)):
         if path is not None and not path.is_file():
             yield f"{flag}: no such file: {path}"
     if args.resume and "output" in args.given and args.output.resolve() != \
@@ -215,7 +226,8 @@ def settings_from_checkpoint(args, saved: Dict, must_agree: Iterable[str],
                 " The model is rebuilt from the checkpoint: leave these flags out.")
         raise SystemExit(f"{purpose}: this command contradicts the run's settings:\n  " +
                          "\n  ".join(conflicts) + "\n" + hint)
-    settings = argparse.Namespace(**saved)
+    # A setting added to the program after the run started takes this command's default.
+    settings = argparse.Namespace(**{**vars(args), **saved})
     for key in args.given:
         setattr(settings, key, getattr(args, key))
     for key in PATH_FLAGS:
@@ -574,30 +586,32 @@ def log_graphs(model: torch.nn.Module, img_size) -> None:
 
 def load_weights(path: Path) -> Dict[str, torch.Tensor]:
     """The weights of a file: a checkpoint of any program here (the weights it names, raw or
-    EMA), or a plain state dict (timm's, a ``{"model": ...}`` or ``{"state_dict": ...}``
-    wrapper), loaded with ``weights_only=True``."""
+    EMA), or a state dict from elsewhere (timm's, an official GreedyViG / Vision GNN file, with
+    their ``model`` / ``state_dict`` wrappers and ``module.`` prefixes), loaded with
+    ``weights_only=True``."""
+    from attvig_pyg.models.checkpoints import unwrap_state_dict
+
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 (every way a file can fail to hold weights)
+        if "Weights only load failed" in str(error):
+            raise SystemExit(f"{path}: refused: it holds Python objects besides tensors, "
+                             "numbers and strings, and unpickling them could run arbitrary "
+                             "code") from None
         raise SystemExit(f"{path} holds no readable weights: {type(error).__name__}: "
                          f"{str(error)[:200]}") from None
     if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
         return state[state["weights"]]
-    for key in ("model", "state_dict"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise SystemExit(f"{path} is not a state dict of tensors")
-    return state
+    try:
+        return unwrap_state_dict(state)
+    except ValueError as error:
+        raise SystemExit(f"{path}: {error}") from None
 
 
 def add_backbone_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of an AttentionViG fine-tuned for dense prediction (detection, segmentation)."""
     add_model_arguments(parser)
     group = parser.add_argument_group("backbone fine-tuning (the paper: beta frozen, Table 9)")
-    group.add_argument("--pretrained", type=Path, default=None,
-                       help="classification weights for the backbone: a checkpoint of "
-                            "experiments/imagenet.py (the weights it names) or a timm state dict")
     group.add_argument("--train-beta", action="store_true",
                        help="let the cross-attention betas learn (default: frozen, as the paper)")
     group.add_argument("--trainable-stages", type=int, default=5,
@@ -609,29 +623,50 @@ def add_backbone_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def backbone_problems(args) -> Iterator[str]:
-    if args.pretrained is not None and not args.pretrained.is_file():
-        yield f"--pretrained: no such file: {args.pretrained}"
     if not 0 <= args.trainable_stages <= 5:
         yield f"--trainable-stages must be in 0..5 (got {args.trainable_stages})"
 
 
+def load_pretrained(model: torch.nn.Module, path: Path, classifier: bool = False) -> None:
+    """Loads ``path``'s weights (:func:`load_weights`) into ``model``, official GreedyViG and
+    Vision GNN files mapped by the model family's ``checkpoint_filter_fn``. The classifiers
+    load where they fit; without ``classifier`` they may be missing or of another size (a
+    backbone, another number of classes). Anything else that does not fit is an error."""
+    from attvig_pyg.models import AttentionViG, ViG, greedyvig, vig
+    from attvig_pyg.models.checkpoints import check_fits
+
+    weights = load_weights(path)
+    family = {AttentionViG: greedyvig, ViG: vig}.get(type(model))
+    heads = () if classifier else _classifiers(model)
+    try:
+        if family is not None:
+            weights = family.checkpoint_filter_fn(weights, model)
+        check_fits(weights, model, str(path), classifiers=heads)
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
+    expected = model.state_dict()
+    model.load_state_dict({k: v for k, v in weights.items()
+                           if k in expected and expected[k].shape == v.shape},
+                          strict=not heads)
+    log.info("weights from %s", path)
+
+
+def _classifiers(model: torch.nn.Module) -> Tuple[str, ...]:
+    names = getattr(model, "pretrained_cfg", {}).get("classifier") or ()
+    return (names,) if isinstance(names, str) else tuple(names)
+
+
 def pretrained_backbone(args) -> torch.nn.Module:
-    """The classification model the backbone flags describe, with --pretrained's weights (its
-    classifiers dropped)."""
+    """The classification model the backbone flags describe (an AttentionViG, GreedyViG
+    included), with --pretrained's weights (its classifiers left out)."""
     from attvig_pyg.models import AttentionViG
 
     model = create_model(args, num_classes=0)
     if not isinstance(model, AttentionViG):
         raise SystemExit(f"--model {args.model}: dense prediction takes an AttentionViG backbone "
-                         "(attentionvig_s, attentionvig_m, attentionvig_b)")
+                         "(attentionvig_s/m/b, greedyvig_s/m/b)")
     if args.pretrained is not None:
-        weights = {k: v for k, v in load_weights(args.pretrained).items()
-                   if not k.startswith(("head.", "head_dist."))}
-        missing, unexpected = model.load_state_dict(weights, strict=False)
-        if missing or unexpected:
-            raise SystemExit(f"--pretrained {args.pretrained} does not fit {args.model}: missing "
-                             f"{_short(missing)}, unexpected {_short(unexpected)}")
-        log.info("backbone weights from %s", args.pretrained)
+        load_pretrained(model, args.pretrained)
     return model
 
 
@@ -663,6 +698,11 @@ class Task:
         """Wraps what trains in DistributedDataParallel."""
         raise NotImplementedError
 
+    def compile(self, backend: str) -> torch.nn.Module:
+        """Compiles what trains (before DistributedDataParallel, as timm's tasks do); returns
+        the compiled model for evaluation."""
+        raise NotImplementedError
+
 
 @dataclass
 class Setup:
@@ -692,6 +732,8 @@ class TrainingRun:
                  scheduler, scaler, ema, steps_per_epoch: int):
         self.program, self.args, self.world, self.setup = program, args, world, setup
         self.model, self.task = setup.model, setup.task
+        self.eval_model = setup.model  # the compiled model with --torch-compile
+        self.compile_logged = False
         self.optimizer, self.scheduler, self.scaler, self.ema = optimizer, scheduler, scaler, ema
         self.steps_per_epoch = steps_per_epoch
         self.epoch = self.step = 0
@@ -774,7 +816,7 @@ class TrainingRun:
         if self.world.world_size > 1:
             distribute_bn(self.model, self.world.world_size)  # rank 0's BatchNorm statistics
         started = time.perf_counter()
-        evaluation = self.task.evaluate(self.model, loader, self.world, self.args)
+        evaluation = self.task.evaluate(self.eval_model, loader, self.world, self.args)
         if self.ema is not None:
             ema = self.task.evaluate(self.ema.module, loader, self.world, self.args)
             evaluation.update({f"ema_{key}": value for key, value in ema.items()})
@@ -907,14 +949,20 @@ def _prepare(program: str, args, world: Distributed, setup: Setup):
     optimizer = create_optimizer_v2(model, opt=args.opt, lr=setup.lr,
                                     weight_decay=args.weight_decay)
     scheduler = setup.schedule(optimizer, len(train_loader))
+    ema = ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema else None
+    eval_model = model
+    if args.torch_compile:
+        log.info("torch.compile with backend %s: the first training step compiles",
+                 args.torch_compile)
+        eval_model = setup.task.compile(args.torch_compile)
     if world.world_size > 1:
         setup.task.prepare_distributed([world.device.index] if world.device.index is not None
                                        else None)
-    ema = ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema else None
     scaler = torch.amp.GradScaler(world.device.type,
                                   enabled=args.amp and args.amp_dtype == "float16")
     run = TrainingRun(program, args, world, setup, optimizer, scheduler, scaler, ema,
                       len(train_loader))
+    run.eval_model = eval_model
     return run, sampler, train_loader, evaluation_loader
 
 
@@ -932,7 +980,12 @@ def _train_epoch(run: TrainingRun, loader: DataLoader, sampler: EpochSampler,
             if _stop_requested(stop, run.world):
                 return False
             run.totals["skipped"] += skipped
+            step_started = time.perf_counter()
             run.train_step(batch)
+            if run.args.torch_compile and not run.compile_logged:
+                run.compile_logged = True
+                log.info("first step of this process (compilation included): %.1f s",
+                         time.perf_counter() - step_started)
             elapsed = time.perf_counter() - started
             bar.set_postfix(lr=f"{run.optimizer.param_groups[0]['lr']:.2e}",
                             items_s=f"{(run.totals['items'] - items_before) / elapsed:.1f}")
@@ -948,21 +1001,59 @@ def _stop_requested(stop: StopRequest, world: Distributed) -> bool:
 
 
 def evaluate_checkpoint(program: str, args, model_flags: Iterable[str],
-                        build_evaluation: Callable) -> Tuple[Dict[str, float], Dict]:
+                        build_evaluation: Callable) -> Tuple[Dict[str, float], Optional[Dict]]:
     """``--eval-only``: the checkpoint's model, rebuilt from its own settings with
     ``build_evaluation(args, world, info) -> (model, task, eval_set, collate)``, with the weights
-    it names (raw or EMA), on the evaluation data. Returns the metrics and the checkpoint."""
-    saved = load_checkpoint(args.checkpoint, program)
-    args = settings_from_checkpoint(args, saved["config"], model_flags, "--eval-only")
+    it names (raw or EMA) and its BatchNorm folded for inference, on the evaluation data. Weights
+    from elsewhere (official GreedyViG / Vision GNN files, timm state dicts) go into the model the
+    flags describe (``info`` None). Returns the metrics and the checkpoint (None for those)."""
+    saved = load_checkpoint(args.checkpoint, program) if is_checkpoint(args.checkpoint) else None
+    if saved is not None:
+        args = settings_from_checkpoint(args, saved["config"], model_flags, "--eval-only")
     world = Distributed(args.device)
     try:
-        model, task, evaluation, collate = build_evaluation(args, world, saved["info"])
-        model.load_state_dict(saved[saved["weights"]])
+        model, task, evaluation, collate = build_evaluation(
+            args, world, saved["info"] if saved is not None else None)
+        if saved is not None:
+            model.load_state_dict(saved[saved["weights"]])
+        else:
+            load_pretrained(model, args.checkpoint, classifier=True)
+        fuse_batchnorm(model)  # inference: BatchNorm folded into the maps before it
         model.to(world.device)
         return task.evaluate(model, eval_loader(evaluation, args, world, collate), world,
                              args), saved
     finally:
         world.close()
+
+
+def is_checkpoint(path: Path) -> bool:
+    """Whether ``path`` is a checkpoint of these programs (or unreadable: it then fails where
+    it is loaded, with the reason), not a file of weights from elsewhere."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 (load_checkpoint reports it)
+        return True
+    return isinstance(state, dict) and "format" in state
+
+
+def main(program: str, args, build_run: Callable[..., Setup], build_evaluation: Callable,
+         describe: Callable[[Dict[str, float]], str], data: str) -> Dict:
+    """A program's command: ``--eval-only`` evaluates a checkpoint, otherwise a run trains; the
+    outcome is printed with ``describe(metrics)`` and ``data`` (what was evaluated) and returned
+    (the metrics, or the run's summary)."""
+    if args.eval_only:
+        metrics, saved = evaluate_checkpoint(program, args, MODEL_FLAGS, build_evaluation)
+        origin = (f"{saved['weights']} weights, epoch {saved['epoch']}" if saved is not None
+                  else f"weights from elsewhere in {args.model}")
+        print(f"{args.checkpoint} ({origin}): {describe(metrics)} on {data}")
+        return metrics
+    summary = train(program, args, build_run)
+    best = summary["best"]
+    print(f"{args.model} after {summary['epochs']} epochs ({summary['train_seconds'] / 60:.1f} "
+          f"min of training): {describe(summary['final']['eval'])} on {data}; best "
+          f"{best['metric']} {best['score']:.2f} at epoch {best['epoch']} ({best['weights']} "
+          "weights)")
+    return summary
 
 
 def weights_checksum(model: torch.nn.Module) -> str:

@@ -195,6 +195,9 @@ class ClassificationTask(engine.Task):
     def prepare_distributed(self, device_ids) -> None:
         self.task.prepare_distributed(device_ids=device_ids)
 
+    def compile(self, backend: str):
+        return self.task.compile(backend=backend)
+
     def loss(self, batch, device):
         images, targets = batch
         if self.mixup is not None and len(targets) % 2:  # Mixup pairs images: drop an odd one
@@ -231,6 +234,8 @@ class ClassificationTask(engine.Task):
 def build_run(args, world) -> engine.Setup:
     classes = class_names(args)
     model = build_model(args, len(classes))
+    if args.pretrained is not None:
+        engine.load_pretrained(model, args.pretrained)
     train_transform, eval_transform = build_transforms(args, data_config(args, model))
     train_set = build_dataset(args, "train", train_transform)
     eval_set = build_dataset(args, "eval", eval_transform)
@@ -258,13 +263,14 @@ def build_run(args, world) -> engine.Setup:
                         info=dict(classes=classes, train_images=len(train_set)))
 
 
-def build_evaluation(args, world, info: Dict):
-    model = build_model(args, len(info["classes"]))
+def build_evaluation(args, world, info: Optional[Dict]):
+    classes = info["classes"] if info is not None else class_names(args)
+    model = build_model(args, len(classes))
     evaluation = build_dataset(args, "eval", build_transforms(args, data_config(args, model))[1])
-    if list(evaluation.classes) != info["classes"]:
+    if list(evaluation.classes) != classes:
         raise SystemExit(f"the evaluation data's classes differ from the checkpoint's "
-                         f"({len(evaluation.classes)} and {len(info['classes'])})")
-    return model, ClassificationTask(args, model, len(info["classes"]), world.device), \
+                         f"({len(evaluation.classes)} and {len(classes)})")
+    return model, ClassificationTask(args, model, len(classes), world.device), \
         evaluation, collate_skipping_failed
 
 
@@ -272,23 +278,15 @@ def train(args) -> Dict:
     return engine.train(PROGRAM, args, build_run)
 
 
-def main(argv=None) -> Optional[Dict]:
+def describe(metrics: Dict[str, float]) -> str:
+    return (f"top-1 {metrics['top1']:.2f}%, top-5 {metrics['top5']:.2f}% on "
+            f"{int(metrics['images'])} images")
+
+
+def main(argv=None) -> Dict:
     args = parse_args(argv)
-    if args.eval_only:
-        metrics, saved = engine.evaluate_checkpoint(PROGRAM, args, engine.MODEL_FLAGS,
-                                                    build_evaluation)
-        print(f"{args.checkpoint} ({saved['weights']} weights, epoch {saved['epoch']}): "
-              f"top-1 {metrics['top1']:.2f}%, top-5 {metrics['top5']:.2f}% on "
-              f"{int(metrics['images'])} images")
-        return metrics
-    summary = train(args)
-    final = summary["final"]["eval"]
-    data = str(args.data_dir) if args.data_dir else "Fashion-MNIST official test split"
-    print(f"{args.model}: top-1 {final['top1']:.2f}% / top-5 {final['top5']:.2f}% on "
-          f"{data} after {summary['epochs']} epochs ({summary['train_seconds'] / 60:.1f} min of "
-          f"training); best top-1 {summary['best']['score']:.2f}% at epoch "
-          f"{summary['best']['epoch']}")
-    return None
+    data = str(args.data_dir) if args.data_dir else "the Fashion-MNIST official test split"
+    return engine.main(PROGRAM, args, build_run, build_evaluation, describe, data)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ items). Metric: mIoU over the classes (and pixel accuracy). The recipe and where
 comes from: docs/dense-prediction.md. The engine: experiments/engine.py, docs/training.md.
 """
 import argparse
-import json
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -98,6 +97,8 @@ def data_root(args) -> Path:
     if args.data_dir is not None:
         return args.data_dir
     train, val = args.scenes
+    engine.log.info("data: synthetic layouts of real Fashion-MNIST items (%d training and %d "
+                    "validation scenes; attvig_pyg.data.scenes)", train, val)
     return fashion_scenes(full=args.fashion_mnist_full, train_scenes=train,
                           val_scenes=val) / "ade"
 
@@ -225,8 +226,12 @@ class SegmentationTask(engine.Task):
         self.trained.train()
 
     def prepare_distributed(self, device_ids) -> None:
-        self.trained = torch.nn.parallel.DistributedDataParallel(self.model,
+        self.trained = torch.nn.parallel.DistributedDataParallel(self.trained,
                                                                  device_ids=device_ids)
+
+    def compile(self, backend: str):
+        self.trained = torch.compile(self.model, backend=backend)
+        return self.trained
 
     def loss(self, batch, device):
         images, labels = (t.to(device) for t in batch)
@@ -285,7 +290,9 @@ def build_datasets(args):
             LabelMaps(root, "validation", train=False, **common))
 
 
-def build_evaluation(args, world, info: Dict):
+def build_evaluation(args, world, info: Optional[Dict]):
+    if info is None:
+        raise SystemExit(f"--eval-only takes a checkpoint of experiments/{PROGRAM}.py")
     if args.num_classes != info["num_classes"]:
         raise SystemExit(f"--num-classes {args.num_classes}: the checkpoint segments "
                          f"{info['num_classes']} classes")
@@ -294,25 +301,14 @@ def build_evaluation(args, world, info: Dict):
     return model, SegmentationTask(model, args.num_classes), evaluation, collate_eval
 
 
-def train(args) -> Dict:
-    return engine.train(PROGRAM, args, build_run)
+def describe(metrics: Dict[str, float]) -> str:
+    return f"mIoU {metrics['mIoU']:.1f}, mAcc {metrics['mAcc']:.1f}, aAcc {metrics['aAcc']:.1f}"
 
 
-def main(argv=None) -> Optional[Dict]:
+def main(argv=None) -> Dict:
     args = parse_args(argv)
-    if args.eval_only:
-        metrics, saved = engine.evaluate_checkpoint(PROGRAM, args, engine.MODEL_FLAGS,
-                                                    build_evaluation)
-        print(f"{args.checkpoint} ({saved['weights']} weights, epoch {saved['epoch']}): " +
-              json.dumps({k: round(v, 2) for k, v in metrics.items()}))
-        return metrics
-    summary = train(args)
-    final = summary["final"]["eval"]
-    print(f"{args.model} Semantic FPN after {summary['epochs']} epochs "
-          f"({summary['train_seconds'] / 60:.1f} min): mIoU {final['mIoU']:.1f}, mAcc "
-          f"{final['mAcc']:.1f}, aAcc {final['aAcc']:.1f}"
-          f"{' on synthetic layouts of real Fashion-MNIST items' if not args.data_dir else ''}")
-    return None
+    data = str(args.data_dir) if args.data_dir else "synthetic layouts of real Fashion-MNIST items"
+    return engine.main(PROGRAM, args, build_run, build_evaluation, describe, data)
 
 
 if __name__ == "__main__":

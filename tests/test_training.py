@@ -51,7 +51,8 @@ def program(args, env=None, **options):
 def test_one_epoch_and_evaluation_on_the_embedded_data(tmp_path, capsys):
     run(["--epochs", "1", "--batch-size", "128"], tmp_path)
     printed = capsys.readouterr().out
-    assert re.search(r"top-1 \d+\.\d+% / top-5 \d+\.\d+% on Fashion-MNIST official test split",
+    assert re.search(r"top-1 \d+\.\d+%, top-5 \d+\.\d+% on 10000 images on the Fashion-MNIST "
+                     r"official test split",
                      printed)
     output = tmp_path / "run"
     for name in ("last.pth", "best.pth", "metrics.csv", "curves.png", "results.json",
@@ -154,7 +155,7 @@ def test_resume_refuses_changed_settings(image_folder, tmp_path):
     assert last.read_bytes() == before
     # Only the flags that say where it runs may change; the rest comes from the checkpoint.
     summary = imagenet.main(["--resume", str(last), "--workers", "1"])
-    assert summary is None and last.read_bytes() == before  # finished: nothing left to train
+    assert summary["epochs"] == 2 and last.read_bytes() == before  # nothing left to train
 
 
 def test_resume_with_other_training_data_is_refused(image_folder, tmp_path):
@@ -227,8 +228,24 @@ def test_unsafe_or_broken_checkpoints_are_refused(image_folder, tmp_path):
         imagenet.main(["--eval-only", "--checkpoint", str(tmp_path / "cut.pth")])
     torch.save(dict(model=checkpoint(tmp_path / "run" / "last.pth")["model"]),
                tmp_path / "bare.pth")
-    with pytest.raises(SystemExit, match="bare.pth is not a checkpoint of this program"):
+    # A bare state dict is weights from elsewhere: it must fit the model the flags describe.
+    with pytest.raises(SystemExit, match="bare.pth does not fit AttentionViG"):
         imagenet.main(["--eval-only", "--checkpoint", str(tmp_path / "bare.pth")])
+
+
+def test_weights_from_elsewhere_evaluate_in_the_model_the_flags_describe(image_folder, tmp_path,
+                                                                        capsys):
+    run(["--data-dir", image_folder, "--epochs", "1"], tmp_path)
+    own = checkpoint(tmp_path / "run" / "last.pth")
+    torch.save(dict(state_dict={f"module.{k}": v for k, v in own["model"].items()}),
+               tmp_path / "foreign.pth")
+    capsys.readouterr()
+    quick_eval = ["--data-dir", str(image_folder), "--model-kwargs", TINY_MODEL, "--img-size", "32",
+                  "--workers", "0", "--eval-only"]
+    mine = imagenet.main([*quick_eval, "--checkpoint", str(tmp_path / "run" / "last.pth")])
+    foreign = imagenet.main([*quick_eval, "--checkpoint", str(tmp_path / "foreign.pth")])
+    assert "weights from elsewhere in attentionvig_s" in capsys.readouterr().out
+    assert foreign == mine
 
 
 # ---- one run per folder ---------------------------------------------------------------------
