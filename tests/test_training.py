@@ -158,6 +158,15 @@ def test_resume_refuses_changed_settings(image_folder, tmp_path):
     assert summary["epochs"] == 2 and last.read_bytes() == before  # nothing left to train
 
 
+def test_a_run_saved_before_a_setting_existed_resumes_with_its_default():
+    args = imagenet.parse_args([*QUICK])
+    saved = engine.run_config(args)
+    del saved["torch_compile"]  # a setting added to the program after the run started
+    saved["epochs"] = 7
+    resumed = engine.settings_from_checkpoint(args, saved, [], "--resume")
+    assert resumed.torch_compile is None and resumed.epochs == 7
+
+
 def test_resume_with_other_training_data_is_refused(image_folder, tmp_path):
     run(["--data-dir", image_folder, "--epochs", "1"], tmp_path)
     (image_folder / "train" / "class_0" / "0.png").unlink()
