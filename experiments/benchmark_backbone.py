@@ -1,23 +1,38 @@
-"""AttentionViG-S/M/B against timm's resnet50, efficientformerv2_s2 and fastvit_sa12 on the CPU:
-parameters, multiply-adds, inference throughput (batch 16, 224 px), training-step throughput and
-peak memory (batch 8, with and without gradient checkpointing), and AttentionViG-S's cost against
-input size (batch 1, from 224 px to detection sizes), whole and as a feature extractor beside
-resnet50's. Every measurement runs in a fresh process; the models are interleaved and the best of
-the rounds is kept. Results go to docs/benchmarks.md.
+"""AttentionViG-S/M/B against timm's resnet50 (also in channels_last), efficientformerv2_s2 and
+fastvit_sa12 on the CPU (--part models): parameters, multiply-adds, inference throughput (batch 16,
+224 px; eager, BatchNorm-fused, compiled), training-step throughput and peak memory (batch 8;
+eager, compiled, without activation recomputation, with gradient checkpointing), and GreedyViG-S's
+computation on the same skeleton; and AttentionViG-S's cost against input size (--part scaling;
+batch 1, from 224 px to detection sizes), whole and as a feature extractor beside resnet50's.
+Every measurement runs in a fresh process; the runs are interleaved and the best of the rounds is
+kept. Results go to docs/benchmarks.md.
 
-    python experiments/benchmark_backbone.py [--rounds 3] [--repeats 3]
+    python experiments/benchmark_backbone.py [--part models|scaling|all] [--rounds 3]
 """
 import argparse
+import os
 import sys
+import tempfile
+import time
 from pathlib import Path
+from typing import Dict
 
 import torch
 
 from benchmarking import (environment, markdown_table, measure, multiply_adds, run_isolated,
                           update_section, worker_output)
 
-MODELS = ["attentionvig_s", "attentionvig_m", "attentionvig_b", "resnet50",
-          "efficientformerv2_s2", "fastvit_sa12"]
+# Variants: a timm model name, then options joined with "+": "fused" (BatchNorm folded for
+# inference: reparameterize() / timm's reparameterize_model), "compiled" (torch.compile; its
+# first step is timed apart), "channels_last" (model and input), "keep_activations" (AttentionViG
+# without its activation recomputation), "maxrel_dagc" (AttentionViG's skeleton with GreedyViG's
+# max-relative Grapher on DAGC graphs).
+INFERENCE = ["resnet50", "resnet50+channels_last", "efficientformerv2_s2", "fastvit_sa12+fused",
+             "attentionvig_s", "attentionvig_s+fused", "attentionvig_s+fused+compiled",
+             "attentionvig_s+maxrel_dagc+fused", "attentionvig_m+fused", "attentionvig_b+fused"]
+TRAIN = ["resnet50", "resnet50+channels_last", "efficientformerv2_s2", "fastvit_sa12",
+         "attentionvig_s", "attentionvig_s+keep_activations", "attentionvig_s+compiled",
+         "attentionvig_s+maxrel_dagc", "attentionvig_m", "attentionvig_b"]
 PEER = "resnet50"
 # Classification sizes, then the detection and segmentation inputs (Mask R-CNN 800x1216 and
 # 1333x800, Semantic FPN 512x512), height x width.
@@ -25,13 +40,24 @@ RESOLUTIONS = ["224x224", "320x320", "448x448", "512x512", "640x640", "800x1216"
 INFERENCE_BATCH, TRAIN_BATCH = 16, 8
 
 
-def create(name: str, features_only: bool = False) -> torch.nn.Module:
+def create(variant: str, features_only: bool = False) -> torch.nn.Module:
     import timm
+    from timm.utils.model import reparameterize_model
 
     import attvig_pyg  # noqa: F401  (registers AttentionViG with timm)
+    name, *options = variant.split("+")
+    kwargs = dict(aggregator="max_relative", graph="dagc") if "maxrel_dagc" in options else {}
     if features_only:
-        return timm.create_model(name, features_only=True)
-    return timm.create_model(name, num_classes=1000)
+        return timm.create_model(name, features_only=True, **kwargs)
+    model = timm.create_model(name, num_classes=1000, **kwargs)
+    if "keep_activations" in options:
+        model.set_activation_recompute(False)
+    if "fused" in options:  # ours cannot go through timm's walker (attvig_pyg.models.fusion)
+        model = model.reparameterize() if name.startswith("attentionvig") else \
+            reparameterize_model(model.eval())
+    if "channels_last" in options:
+        model = model.to(memory_format=torch.channels_last)
+    return model
 
 
 def parse_size(text: str):
@@ -39,41 +65,160 @@ def parse_size(text: str):
     return height, width
 
 
-def worker(task: str, name: str, size: str, repeats: int) -> None:
+def worker(task: str, variant: str, size: str, repeats: int) -> None:
     torch.manual_seed(0)
+    options = variant.split("+")[1:]
     height, width = parse_size(size)
-    model = create(name, features_only=task == "features")
-    if task in ("inference", "scaling", "features"):
-        model.eval()
-        images = torch.randn(INFERENCE_BATCH if task == "inference" else 1, 3, height, width)
-
-        def step():
-            with torch.no_grad():
-                model(images)
-        result = measure(step, repeats)
-        result["images_per_s"] = images.size(0) / result["time_s"]
-        if task == "scaling":
-            result["macs"] = multiply_adds(model, (height, width))
-    else:
-        model.train()
-        if task == "train_checkpointed":
-            model.set_grad_checkpointing(True)
-        images = torch.randn(TRAIN_BATCH, 3, height, width)
-        labels = torch.randint(0, 1000, (TRAIN_BATCH,))
+    model = create(variant, features_only=task == "features")
+    training = task.startswith("train")
+    model.train(training)
+    if training and task == "train_checkpointed":
+        model.set_grad_checkpointing(True)
+    batch = TRAIN_BATCH if training else INFERENCE_BATCH if task == "inference" else 1
+    images = torch.randn(batch, 3, height, width)
+    if "channels_last" in options:
+        images = images.contiguous(memory_format=torch.channels_last)
+    forward = torch.compile(model) if "compiled" in options else model
+    if training:
+        labels = torch.randint(0, 1000, (batch,))
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
         def step():
             optimizer.zero_grad(set_to_none=True)
-            torch.nn.functional.cross_entropy(model(images), labels).backward()
+            torch.nn.functional.cross_entropy(forward(images), labels).backward()
             optimizer.step()
-        result = measure(step, repeats)
-        result["images_per_s"] = TRAIN_BATCH / result["time_s"]
+    else:
+        def step():
+            with torch.no_grad():
+                forward(images)
+    first = {}
+    if "compiled" in options:  # the compilation: a cold cache, timed apart from the steps
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-")
+        started = time.perf_counter()
+        step()
+        first["first_step_s"] = time.perf_counter() - started
+    result = dict(measure(step, repeats), **first)
+    result["images_per_s"] = batch / result["time_s"]
+    if task == "scaling":
+        result["macs"] = multiply_adds(model, (height, width))
     worker_output(result)
+
+
+def base(variant: str) -> str:
+    """The network a variant computes (what its parameters and multiply-adds are counted on)."""
+    name, *options = variant.split("+")
+    return "+".join([name, *(["maxrel_dagc"] if "maxrel_dagc" in options else [])])
+
+
+def measure_all(runs, rounds: int, repeats: int) -> Dict:
+    """Each run in a fresh process, the runs interleaved, ``rounds`` times: the best time and the
+    smallest memory (and compilation) of each."""
+    best = {}
+    for round_number in range(rounds):
+        for run in runs:
+            result = run_isolated(Path(__file__), [*run, "--repeats", str(repeats)])
+            print(f"round {round_number + 1}/{rounds} {run}: {result['images_per_s']:.1f} img/s, "
+                  f"{result['peak_mib']:.0f} MiB", flush=True)
+            previous = best.get(run, result)
+            best[run] = dict(result, **{key: min(previous[key], result[key])
+                                        for key in ("time_s", "peak_mib", "first_step_s")
+                                        if key in result})
+            best[run]["images_per_s"] = max(previous["images_per_s"], result["images_per_s"])
+    return best
+
+
+def models_section(best: Dict, args) -> str:
+    sizes = {}
+    for variant in {base(v) for v in INFERENCE + TRAIN}:
+        model = create(variant)
+        sizes[variant] = (sum(p.numel() for p in model.parameters()), multiply_adds(model, 224))
+
+    def compiled(result):
+        return f"{result['first_step_s']:.0f}" if "first_step_s" in result else ""
+
+    peer = best[("inference", PEER, "224x224")]
+    inference_rows = []
+    for variant in INFERENCE:
+        result = best[("inference", variant, "224x224")]
+        params, macs = sizes[base(variant)]
+        inference_rows.append([variant, f"{params / 1e6:.2f}", f"{macs / 1e9:.2f}",
+                               f"{result['images_per_s']:.1f}",
+                               f"{result['images_per_s'] / peer['images_per_s']:.2f}x",
+                               compiled(result)])
+    peer = best[("train", PEER, "224x224")]
+    train_rows = []
+    for variant in TRAIN:
+        result = best[("train", variant, "224x224")]
+        train_rows.append([variant, f"{sizes[base(variant)][1] / 1e9:.2f}",
+                           f"{result['images_per_s']:.1f}",
+                           f"{result['images_per_s'] / peer['images_per_s']:.2f}x",
+                           f"{result['peak_mib']:.0f}",
+                           f"{result['peak_mib'] / peer['peak_mib']:.2f}x", compiled(result)])
+    checkpoint_rows = []
+    for name in ("attentionvig_s", PEER):
+        plain = best[("train", name, "224x224")]
+        saved = best[("train_checkpointed", name, "224x224")]
+        checkpoint_rows.append([name, f"{plain['peak_mib']:.0f}", f"{saved['peak_mib']:.0f}",
+                                f"{plain['images_per_s']:.1f}", f"{saved['images_per_s']:.1f}"])
+    command = "python experiments/benchmark_backbone.py " + " ".join(sys.argv[1:])
+    return (
+        f"Command: `{command.strip()}` ({environment()}; untrained weights; best of "
+        f"{args.rounds} interleaved rounds x {args.repeats} steps, every model and task in a "
+        "fresh process). Variants: `+fused` BatchNorm folded for inference "
+        "(`reparameterize()`, timm's `reparameterize_model` for fastvit), `+compiled` "
+        "`torch.compile` (default inductor backend; its first step, the compilation with a cold "
+        "cache, is timed apart: 'compile s'), `+channels_last` model and input in that layout "
+        "(AttentionViG computes in it anyway), `+keep_activations` AttentionViG without its "
+        "activation recomputation, `+maxrel_dagc` AttentionViG's skeleton with GreedyViG-S's "
+        "max-relative Grapher on DAGC graphs. MACs: `FlopCounterMode` total / 2, eval, batch 1, "
+        "224 px, unfused. Training step: forward, cross-entropy, backward, AdamW step. Memory: "
+        "peak RSS of one training step minus the RSS before it (after a warm-up step; "
+        "benchmarking.py).\n\nInference, batch 16, 224 px:\n\n" + markdown_table(
+            ["variant", "params (M)", "MACs (G)", "img/s", "vs resnet50", "compile s"],
+            inference_rows) +
+        f"\n\nTraining step, batch {TRAIN_BATCH}, 224 px:\n\n" + markdown_table(
+            ["variant", "MACs (G)", "img/s", "vs resnet50", "peak MiB", "vs resnet50",
+             "compile s"], train_rows) +
+        "\n\nGradient checkpointing (timm's `set_grad_checkpointing()`), batch 8:\n\n" +
+        markdown_table(["model", "train peak MiB", "with set_grad_checkpointing()", "train img/s",
+                        "with set_grad_checkpointing()"], checkpoint_rows))
+
+
+def scaling_section(best: Dict, args) -> str:
+    reference = best[("scaling", "attentionvig_s", "224x224")]
+    base_pixels = 224 * 224
+    base_ratio = (best[("features", PEER, "224x224")]["images_per_s"] /
+                  best[("features", "attentionvig_s", "224x224")]["images_per_s"])
+    rows = []
+    for size in RESOLUTIONS:
+        result = best[("scaling", "attentionvig_s", size)]
+        pixels = parse_size(size)[0] * parse_size(size)[1]
+        seconds = 1 / result["images_per_s"]
+        ratio = (best[("features", PEER, size)]["images_per_s"] /
+                 best[("features", "attentionvig_s", size)]["images_per_s"])
+        rows.append([
+            size, f"{pixels / base_pixels:.2f}x", f"{result['macs'] / 1e9:.2f}",
+            f"{result['macs'] / pixels / (reference['macs'] / base_pixels):.3f}x",
+            f"{seconds * 1000:.0f}",
+            f"{seconds * reference['images_per_s'] * base_pixels / pixels:.2f}x",
+            f"{ratio:.2f}x", f"{ratio / base_ratio:.2f}x"])
+    command = "python experiments/benchmark_backbone.py " + " ".join(sys.argv[1:])
+    return (
+        f"Command: `{command.strip()}` ({environment()}; eager, unfused, untrained weights; "
+        f"best of {args.rounds} interleaved rounds x {args.repeats} steps, each in a fresh "
+        "process). Inference, batch 1; MACs include the cross-attention's shifted products "
+        "(benchmarking.multiply_adds); features: `features_only=True` models, all four stages, "
+        "against timm's resnet50.\n\n" + markdown_table(
+            ["input (h x w)", "pixels vs 224", "MACs (G)", "MACs per pixel vs 224",
+             "ms per image", "time per pixel vs 224", "features: time vs resnet50",
+             "that ratio vs 224's"], rows))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", choices=["models", "scaling", "all"], default="all",
+                        help="models at 224 px, AttentionViG-S against input size, or both")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--worker", nargs=3, metavar=("TASK", "MODEL", "SIZE"),
@@ -83,93 +228,24 @@ def main() -> None:
         task, name, size = args.worker
         return worker(task, name, size, args.repeats)
 
-    sizes = {}
-    for name in MODELS:
-        model = create(name)
-        sizes[name] = (sum(p.numel() for p in model.parameters()), multiply_adds(model, 224))
-
-    runs = [(task, name, "224x224") for name in MODELS for task in ("inference", "train")]
-    runs += [("train_checkpointed", name, "224x224") for name in ("attentionvig_s", PEER)]
-    runs += [("scaling", "attentionvig_s", size) for size in RESOLUTIONS]
-    runs += [("features", name, size) for size in RESOLUTIONS
-             for name in ("attentionvig_s", PEER)]
-    best = {}
-    for round_number in range(args.rounds):
-        for run in runs:
-            result = run_isolated(Path(__file__), [*map(str, run), "--repeats",
-                                                   str(args.repeats)])
-            print(f"round {round_number + 1}/{args.rounds} {run}: "
-                  f"{result['images_per_s']:.1f} img/s, {result['peak_mib']:.0f} MiB", flush=True)
-            previous = best.get(run, result)
-            best[run] = dict(result, images_per_s=max(previous["images_per_s"],
-                                                      result["images_per_s"]),
-                             peak_mib=min(previous["peak_mib"], result["peak_mib"]))
-
-    peer_inference = best[("inference", PEER, "224x224")]["images_per_s"]
-    peer_train = best[("train", PEER, "224x224")]
-    rows = []
-    for name in MODELS:
-        inference, train = best[("inference", name, "224x224")], best[("train", name, "224x224")]
-        params, macs = sizes[name]
-        rows.append([name, f"{params / 1e6:.2f}", f"{macs / 1e9:.2f}",
-                     f"{inference['images_per_s']:.1f}",
-                     f"{inference['images_per_s'] / peer_inference:.2f}x",
-                     f"{train['images_per_s']:.1f}",
-                     f"{train['images_per_s'] / peer_train['images_per_s']:.2f}x",
-                     f"{train['peak_mib']:.0f}",
-                     f"{train['peak_mib'] / peer_train['peak_mib']:.2f}x"])
-    models_table = markdown_table(
-        ["model", "params (M)", "MACs (G)", f"inference img/s (batch {INFERENCE_BATCH})",
-         "vs resnet50", f"train img/s (batch {TRAIN_BATCH})", "vs resnet50",
-         "train peak MiB", "vs resnet50"], rows)
-
-    checkpoint_rows = []
-    for name in ("attentionvig_s", PEER):
-        plain = best[("train", name, "224x224")]
-        saved = best[("train_checkpointed", name, "224x224")]
-        checkpoint_rows.append([name, f"{plain['peak_mib']:.0f}", f"{saved['peak_mib']:.0f}",
-                                f"{plain['images_per_s']:.1f}", f"{saved['images_per_s']:.1f}"])
-    checkpoint_table = markdown_table(
-        ["model", "train peak MiB", "with set_grad_checkpointing()", "train img/s",
-         "with set_grad_checkpointing()"], checkpoint_rows)
-
-    base = best[("scaling", "attentionvig_s", "224x224")]
-    base_pixels = 224 * 224
-    base_ratio = (best[("features", PEER, "224x224")]["images_per_s"] /
-                  best[("features", "attentionvig_s", "224x224")]["images_per_s"])
-    scaling_rows = []
-    for size in RESOLUTIONS:
-        result = best[("scaling", "attentionvig_s", size)]
-        pixels = parse_size(size)[0] * parse_size(size)[1]
-        seconds = 1 / result["images_per_s"]
-        ratio = (best[("features", PEER, size)]["images_per_s"] /
-                 best[("features", "attentionvig_s", size)]["images_per_s"])
-        scaling_rows.append([
-            size, f"{pixels / base_pixels:.2f}x", f"{result['macs'] / 1e9:.2f}",
-            f"{result['macs'] / pixels / (base['macs'] / base_pixels):.3f}x",
-            f"{seconds * 1000:.0f}",
-            f"{seconds * base['images_per_s'] * base_pixels / pixels:.2f}x",
-            f"{ratio:.2f}x", f"{ratio / base_ratio:.2f}x"])
-    scaling_table = markdown_table(
-        ["input (h x w)", "pixels vs 224", "MACs (G)", "MACs per pixel vs 224",
-         "ms per image", "time per pixel vs 224", "features: time vs resnet50",
-         "that ratio vs 224's"], scaling_rows)
-
-    command = "python experiments/benchmark_backbone.py " + " ".join(sys.argv[1:])
-    body = (
-        f"Command: `{command.strip()}` ({environment()}; eager models in their default memory "
-        f"layout, untrained weights; best of {args.rounds} interleaved rounds x {args.repeats} "
-        "steps, every model and task in a fresh process). MACs: `FlopCounterMode` total / 2, "
-        "eval, batch 1, 224 px. Training step: forward, cross-entropy, backward, AdamW step. "
-        "Memory: peak RSS of one training step minus the RSS before it.\n\n" + models_table +
-        "\n\nGradient checkpointing (timm's `set_grad_checkpointing()`), batch 8:\n\n" +
-        checkpoint_table +
-        "\n\nAttentionViG-S against input size (inference, batch 1; MACs include the "
-        "cross-attention's shifted products, see benchmarking.multiply_adds; features: "
-        "`features_only=True` models, all four stages, against timm's resnet50):\n\n"
-        + scaling_table)
-    update_section("AttentionViG backbone", body)
-    print(body)
+    runs = []
+    if args.part in ("models", "all"):
+        runs += [("inference", v, "224x224") for v in INFERENCE]
+        runs += [("train", v, "224x224") for v in TRAIN]
+        runs += [("train_checkpointed", name, "224x224") for name in ("attentionvig_s", PEER)]
+    if args.part in ("scaling", "all"):
+        runs += [("scaling", "attentionvig_s", size) for size in RESOLUTIONS]
+        runs += [("features", name, size) for size in RESOLUTIONS
+                 for name in ("attentionvig_s", PEER)]
+    best = measure_all(runs, args.rounds, args.repeats)
+    if args.part in ("models", "all"):
+        body = models_section(best, args)
+        update_section("AttentionViG backbone", body)
+        print(body)
+    if args.part in ("scaling", "all"):
+        body = scaling_section(best, args)
+        update_section("AttentionViG-S against input size", body)
+        print(body)
 
 
 if __name__ == "__main__":

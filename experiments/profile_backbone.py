@@ -1,0 +1,97 @@
+"""Where a timm model's CPU time and training memory go: the torch profiler's operator table for
+one step (training at batch 8, or inference at batch 16, optionally BatchNorm-fused), and the
+activations autograd keeps for backward during a training forward pass, by stage (distinct
+storages, parameters excluded). What docs/benchmarks.md's profile section quotes.
+
+    python experiments/profile_backbone.py attentionvig_s --mode train [--rows 15]
+    python experiments/profile_backbone.py attentionvig_s --mode fused
+    python experiments/profile_backbone.py attentionvig_s --mode saved
+"""
+import argparse
+from collections import Counter
+
+import timm
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import attvig_pyg  # noqa: F401  (registers AttentionViG with timm)
+
+
+def operator_table(model: torch.nn.Module, mode: str, rows: int) -> str:
+    images = torch.randn(8 if mode == "train" else 16, 3, 224, 224)
+    if mode == "train":
+        labels = torch.randint(0, 1000, (images.size(0),))
+        optimizer = torch.optim.AdamW(model.parameters())
+
+        def step():
+            optimizer.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(model.train()(images), labels).backward()
+            optimizer.step()
+    else:
+        model.eval()
+        if mode == "fused":
+            model.reparameterize()
+
+        def step():
+            with torch.no_grad():
+                model(images)
+    step()  # warm-up
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        step()
+    return profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
+def saved_activations(model: torch.nn.Module) -> Counter:
+    """MiB kept for backward per top-level part (stem, stages.i, head), batch 8, 224 px."""
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages, where = {}, ["?"]
+
+    def pack(tensor):
+        key = tensor.untyped_storage().data_ptr()
+        if key not in parameters and key not in storages:
+            storages[key] = (tensor.untyped_storage().nbytes(), where[0])
+        return tensor
+
+    def enter(name):
+        def hook(module, inputs):
+            where[0] = name
+        return hook
+    hooks = [module.register_forward_pre_hook(enter(".".join(name.split(".")[:2])))
+             for name, module in model.named_modules() if name and not list(module.children())]
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            model.train()(torch.randn(8, 3, 224, 224))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    by_part = Counter()
+    for nbytes, name in storages.values():
+        by_part[name if name.startswith("stages") else name.split(".")[0]] += nbytes / 2 ** 20
+    return by_part
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", help="a timm model name")
+    parser.add_argument("--mode", choices=["train", "eval", "fused", "saved"], default="train")
+    parser.add_argument("--rows", type=int, default=15)
+    parser.add_argument("--keep-activations", action="store_true",
+                        help="AttentionViG without its activation recomputation")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    model = timm.create_model(args.model, num_classes=1000)
+    if args.keep_activations:
+        model.set_activation_recompute(False)
+    if args.mode != "saved":
+        print(operator_table(model, args.mode, args.rows))
+        return
+    by_part = saved_activations(model)
+    print(f"{args.model}: {sum(by_part.values()):.0f} MiB of activations kept for backward "
+          "(batch 8, 224 px)")
+    for part, mib in sorted(by_part.items()):
+        print(f"  {part:12s} {mib:7.1f}")
+
+
+if __name__ == "__main__":
+    main()
