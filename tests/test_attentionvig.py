@@ -190,3 +190,19 @@ def test_bad_input():
         tiny(aggregator="gin")
     with pytest.raises(ValueError, match="one entry per stage"):
         tiny(graph_k=[1, 2])
+
+
+@pytest.mark.parametrize("model_name, kwargs", [
+    ("attentionvig_s", dict(graph="svga", **TINY)), ("attentionvig_s", dict(graph="dagc", **TINY)),
+    ("attentionvig_s", dict(graph="knn", **TINY)),
+    ("attentionvig_s", dict(graph="svga", aggregator="max_relative", **TINY)),
+    ("vig_ti", dict(aggregator="cross_attn", graph="svga", channels=32, depth=2)),
+    ("vig_ti", dict(aggregator="max_relative", channels=32, depth=2))])
+def test_a_training_step_after_an_inference_mode_evaluation_works(model_name, kwargs):
+    # PyTorch Lightning validates under torch.inference_mode, then trains in the same process.
+    model = timm.create_model(model_name, num_classes=3, **kwargs)
+    images = torch.randn(2, 3, 96, 96)
+    with torch.inference_mode():
+        model.eval()(images)
+    model.train()(images).sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

@@ -1,7 +1,8 @@
+import numpy as np
 import pytest
 import torch
 
-from attvig_pyg import MaxRelativeConv
+from attvig_pyg import CrossAttnConv, MaxRelativeConv
 from torch_geometric import EdgeIndex
 
 from attvig_pyg.graphs import (CyclicAdjacency, CyclicNeighbours, build_graph, dagc_adjacency,
@@ -325,3 +326,28 @@ def test_grid_parts_are_permutations_with_their_inverse():
             flat = part.cycles.flatten()
             assert torch.equal(flat.sort().values, torch.arange(adjacency.num_nodes))
             assert torch.equal(flat[part.inverse], torch.arange(adjacency.num_nodes))
+
+
+@pytest.mark.parametrize("k", [np.int64(2), torch.tensor(2), (np.int32(2), torch.tensor(2))])
+def test_integer_like_steps_are_steps(k):
+    assert torch.equal(svga_graph(1, 6, 6, k=k), svga_graph(1, 6, 6, k=2))
+
+
+@pytest.mark.parametrize("k", [True, 2.0, "2", torch.tensor([2, 2]), (2, 2, 2), 0])
+def test_other_steps_are_refused_by_name(k):
+    with pytest.raises(ValueError, match="'k' must be a positive int or a pair"):
+        svga_graph(1, 6, 6, k=k)
+
+
+def test_graphs_first_built_under_inference_mode_serve_a_later_backward():
+    with torch.inference_mode():
+        svga_graph(2, 5, 7, k=3)
+        build_graph("svga", torch.randn(2, 4, 5, 7), k=3, cyclic=True)
+    edges = svga_graph(2, 5, 7, k=3)
+    adjacency = build_graph("svga", torch.randn(2, 4, 5, 7), k=3, cyclic=True)
+    assert not edges.is_inference()
+    assert not any(part.cycles.is_inference() for part in adjacency.parts)
+    conv = CrossAttnConv(4, 4, heads=2)
+    x = torch.randn(70, 4, requires_grad=True)
+    (conv(x, edges).sum() + conv(x, adjacency).sum()).backward()
+    assert x.grad is not None

@@ -4,6 +4,7 @@ Node (h, w) of image b has id ``b * H * W + h * W + w``; ``edge_index[0]`` is th
 sends, ``edge_index[1]`` the node that receives (PyG's ``source_to_target`` flow).
 """
 import math
+import operator
 from typing import Optional, Tuple, Union
 
 import torch
@@ -15,9 +16,17 @@ IntOrPair = Union[int, Tuple[int, int]]
 
 
 def as_pair(value: IntOrPair, name: str) -> Tuple[int, int]:
-    """``K`` or ``(K_h, K_w)`` as a pair of positive ints."""
-    pair = (value, value) if isinstance(value, int) else tuple(value)
-    if len(pair) != 2 or not all(isinstance(v, int) and v >= 1 for v in pair):
+    """``K`` or ``(K_h, K_w)`` as a pair of positive ints; any integer-like value (a Python
+    or NumPy integer, a 0-d integer tensor) counts as an int."""
+    def integer(v) -> int:
+        if isinstance(v, bool):
+            raise TypeError("a bool is not a step")
+        return operator.index(v)
+    try:
+        pair = tuple(map(integer, value if isinstance(value, (tuple, list)) else (value, value)))
+    except TypeError:
+        pair = ()
+    if len(pair) != 2 or not all(v >= 1 for v in pair):
         raise ValueError(f"'{name}' must be a positive int or a pair of positive ints "
                          f"(got {value!r})")
     return pair

@@ -19,7 +19,7 @@ def svga_adjacency(batch_size: int, height: int, width: int, k: IntOrPair, *,
 
     Arguments as in :func:`svga_graph`. Cached like it; the returned tensors are shared.
     """
-    return _svga_adjacency(*_cache_key(batch_size, height, width, k, self_loops, device))
+    return _cached(_svga_adjacency, batch_size, height, width, k, self_loops, device)
 
 
 def svga_graph(batch_size: int, height: int, width: int, k: IntOrPair, *,
@@ -43,14 +43,22 @@ def svga_graph(batch_size: int, height: int, width: int, k: IntOrPair, *,
         per (H, W, K, self_loops, device), a batch adds offsets, and both are cached (the returned
         tensor is shared: do not modify it in place).
     """
-    return _svga_edges(*_cache_key(batch_size, height, width, k, self_loops, device))
+    return _cached(_svga_edges, batch_size, height, width, k, self_loops, device)
 
 
-def _cache_key(batch_size, height, width, k, self_loops, device):
+def _cached(build, batch_size, height, width, k, self_loops, device):
+    """``build``'s cached result. Cached tensors are ordinary ones even when the first call
+    comes under ``torch.inference_mode`` (an inference tensor could never be saved for a later
+    backward); while torch.compile or torch.export traces, nothing is cached (the tensors are
+    placeholders of that trace)."""
     if batch_size < 0 or height < 1 or width < 1:
         raise ValueError(f"Expected a batch size >= 0 and a grid of at least 1x1 "
                          f"(got batch_size={batch_size}, height={height}, width={width})")
-    return batch_size, height, width, as_pair(k, "k"), self_loops, torch.device(device or "cpu")
+    key = (batch_size, height, width, as_pair(k, "k"), self_loops, torch.device(device or "cpu"))
+    if torch.compiler.is_compiling():
+        return build.__wrapped__(*key)
+    with torch.inference_mode(False):
+        return build(*key)
 
 
 @functools.lru_cache(maxsize=32)
@@ -61,6 +69,6 @@ def _svga_adjacency(batch_size, height, width, k, self_loops, device) -> CyclicA
 
 @functools.lru_cache(maxsize=32)
 def _svga_edges(batch_size, height, width, k, self_loops, device) -> Tensor:
-    edges = _svga_adjacency(1, height, width, k, self_loops, device).to_edge_index()
+    edges = _cached(_svga_adjacency, 1, height, width, k, self_loops, device).to_edge_index()
     offsets = torch.arange(batch_size, device=device).view(-1, 1, 1) * (height * width)
     return (edges.unsqueeze(1) + offsets.transpose(0, 1)).flatten(1)
