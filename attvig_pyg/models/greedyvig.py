@@ -102,16 +102,17 @@ def _cfg(file: str, **kwargs) -> Dict:
                 interpolation="bicubic", mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
                 first_conv="stem.0.0", classifier=("head", "head_dist"),
                 origin_url="https://huggingface.co/SLDGroup/GreedyViG",
-                paper_ids="arXiv:2405.06849",
-                notes=(f"official ImageNet-1K weights ({file} in the GreedyViG repository's "
-                       "instructions); nothing is downloaded: pass the local file with "
+                paper_ids="arXiv:2405.06849", license="unstated by the GreedyViG repository",
+                notes=(f"official ImageNet-1K weights: {file}, published on the Hugging Face hub "
+                       "(SLDGroup/GreedyViG); nothing is downloaded: pass the local file with "
                        "pretrained_cfg_overlay=dict(file=...)",), **kwargs)
 
 
+# The repository's README names S's file; M's and B's are the hub's other two.
 default_cfgs = generate_default_cfgs({
-    "greedyvig_s.in1k": _cfg("S_GreedyViG_81_1.pth"),
-    "greedyvig_m.in1k": _cfg("the M checkpoint"),
-    "greedyvig_b.in1k": _cfg("B_GreedyViG_83_9.pth"),
+    "greedyvig_s.in1k": _cfg("S_GreedyViG_81_1.pth (81.1 % top-1)"),
+    "greedyvig_m.in1k": _cfg("GreedyViG-M's file (82.9 % top-1)"),
+    "greedyvig_b.in1k": _cfg("GreedyViG-B's file (83.9 % top-1)"),
 })
 
 
