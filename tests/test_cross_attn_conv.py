@@ -319,6 +319,10 @@ def test_bad_inputs():
         conv(x, torch.tensor([0, 1, 2]))
     with pytest.raises(ValueError, match="integer dtype"):
         conv(x, good.float())
+    with pytest.raises(ValueError, match="integer dtype \\(got torch.bool\\)"):
+        conv(x, good.bool())  # would read as node ids 0 and 1
+    with pytest.raises(ValueError, match="'beta_init' must be a positive finite number"):
+        CrossAttnConv(8, 8, beta_init=float("nan"))
     with pytest.raises(ValueError, match="sparse adjacency of size \\[5, 5\\]"):
         conv(x, to_torch_csr_tensor(good, size=(6, 6)))
     with pytest.raises(TypeError, match="or CyclicAdjacency \\(got list\\)"):

@@ -50,7 +50,8 @@ def check_adjacency(edge_index, x_src: Tensor, x_dst: Tensor) -> None:
     if edge_index.dim() != 2 or edge_index.size(0) != 2:
         raise ValueError(f"Expected 'edge_index' of shape [2, num_edges] "
                          f"(got {tuple(edge_index.shape)})")
-    if edge_index.is_floating_point() or edge_index.is_complex():
+    if edge_index.is_floating_point() or edge_index.is_complex() or \
+            edge_index.dtype == torch.bool:
         raise ValueError(f"Expected 'edge_index' of an integer dtype (got {edge_index.dtype})")
     if edge_index.numel() == 0 or torch.compiler.is_compiling():
         return
