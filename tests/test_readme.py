@@ -4,10 +4,17 @@ from pathlib import Path
 
 import torch
 
+from test_checkpoints import GREEDYVIG, official_greedyvig_layout, random_state
+
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
-def test_readme_python_examples_run():
+def test_readme_python_examples_run(tmp_path, monkeypatch):
+    # The example that loads an official GreedyViG file finds one of the official layout (random
+    # numbers: the released file cannot be fetched here) in the working directory.
+    monkeypatch.chdir(tmp_path)
+    torch.save(random_state(official_greedyvig_layout(*GREEDYVIG["greedyvig_s"])),
+               "S_GreedyViG_81_1.pth")
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
     assert len(blocks) >= 3
     namespace = {}
@@ -16,3 +23,4 @@ def test_readme_python_examples_run():
     assert namespace["out"].shape == (8 * 56 * 56, 48)
     assert isinstance(namespace["maps"], list) and len(namespace["maps"]) == 4
     assert torch.isfinite(namespace["logits"]).all()
+    assert namespace["greedyvig"].head.weight.shape == (1000, 768)
