@@ -15,12 +15,19 @@ class CyclicNeighbours:
     :obj:`cycles[p, (t - o) % T]` for every offset :obj:`o = offsets[i]` where
     :obj:`mask[p, t, i]` is true (every offset where :obj:`mask` is :obj:`None`).
 
+    With :obj:`offsets=None` every member of a cycle is a candidate: node :obj:`cycles[p, t]`
+    receives from :obj:`cycles[p, u]` where :obj:`mask[p, t, u]` (a mask of shape
+    :obj:`[1, T, T]` holds for every cycle). No Python value of this form depends on :obj:`T`,
+    which is what a trace with symbolic sizes needs (:func:`torch.export.export` with dynamic
+    shapes); its cost is :obj:`T` candidates per node.
+
     Args:
         cycles (LongTensor): :obj:`[num_cycles, T]` node ids, a cycle per row.
-        offsets (tuple of int): The places behind a node its candidates sit, distinct modulo
-            :obj:`T` (offset 0 is a self-loop).
-        mask (BoolTensor, optional): :obj:`[num_cycles, T, len(offsets)]`: which candidates are
-            edges. (default: :obj:`None`, all)
+        offsets (tuple of int, optional): The places behind a node its candidates sit, distinct
+            modulo :obj:`T` (offset 0 is a self-loop); :obj:`None`: every member.
+        mask (BoolTensor, optional): :obj:`[num_cycles, T, len(offsets)]`, or with
+            :obj:`offsets=None` (then required) :obj:`[num_cycles or 1, T, T]`: which candidates
+            are edges. (default: :obj:`None`, all)
         inverse (LongTensor, optional): For a part whose cycles hold every node of the graph
             exactly once (a permutation of the nodes, as the SVGA and DAGC builders make them):
             :obj:`[num_nodes]`, where each node sits in :obj:`cycles.flatten()`. The kernels
@@ -30,7 +37,7 @@ class CyclicNeighbours:
     """
 
     cycles: Tensor
-    offsets: Tuple[int, ...]
+    offsets: Optional[Tuple[int, ...]]
     mask: Optional[Tensor] = None
     inverse: Optional[Tensor] = None
 
@@ -40,18 +47,26 @@ class CyclicNeighbours:
             raise ValueError(f"Expected 'cycles' as a long tensor [num_cycles, T] (got "
                              f"{_describe(self.cycles)})")
         length = self.cycles.size(1)
-        offsets = tuple(self.offsets)
-        if not all(isinstance(o, int) for o in offsets) or \
-                len({o % max(length, 1) for o in offsets}) != len(offsets):
-            raise ValueError(f"Expected 'offsets' as distinct ints modulo the cycle length "
-                             f"{length} (got {self.offsets})")
-        self.offsets = offsets
-        expected = (*self.cycles.shape, len(offsets))
-        if self.mask is not None and (not isinstance(self.mask, Tensor) or
-                                      self.mask.dtype != torch.bool or
-                                      tuple(self.mask.shape) != expected):
-            raise ValueError(f"Expected 'mask' as a bool tensor of shape {list(expected)} "
-                             f"[num_cycles, T, len(offsets)] (got {_describe(self.mask)})")
+        if self.offsets is None:
+            shapes = ((1, length, length), (*self.cycles.shape, length))
+            if not isinstance(self.mask, Tensor) or self.mask.dtype != torch.bool or \
+                    tuple(self.mask.shape) not in shapes:
+                raise ValueError(f"Expected 'mask' as a bool tensor of shape {list(shapes[1])} "
+                                 f"or {list(shapes[0])} (every member of a cycle a candidate: "
+                                 f"offsets=None; got {_describe(self.mask)})")
+        else:
+            offsets = tuple(self.offsets)
+            if not all(isinstance(o, int) for o in offsets) or \
+                    len({o % max(length, 1) for o in offsets}) != len(offsets):
+                raise ValueError(f"Expected 'offsets' as distinct ints modulo the cycle length "
+                                 f"{length} (got {self.offsets})")
+            self.offsets = offsets
+            expected = (*self.cycles.shape, len(offsets))
+            if self.mask is not None and (not isinstance(self.mask, Tensor) or
+                                          self.mask.dtype != torch.bool or
+                                          tuple(self.mask.shape) != expected):
+                raise ValueError(f"Expected 'mask' as a bool tensor of shape {list(expected)} "
+                                 f"[num_cycles, T, len(offsets)] (got {_describe(self.mask)})")
         if self.inverse is not None and (not isinstance(self.inverse, Tensor) or
                                          self.inverse.dtype != torch.long or
                                          tuple(self.inverse.shape) != (self.cycles.numel(),)):
@@ -60,29 +75,40 @@ class CyclicNeighbours:
                              f"{_describe(self.inverse)})")
 
     @classmethod
-    def permutation(cls, cycles: Tensor, offsets: Sequence[int],
+    def permutation(cls, cycles: Tensor, offsets: Optional[Sequence[int]],
                     mask: Optional[Tensor] = None) -> "CyclicNeighbours":
         """A part whose :obj:`cycles` hold every node of the graph exactly once, with its
         :obj:`inverse`."""
         flat = cycles.flatten()
         inverse = torch.empty_like(flat).scatter_(0, flat, torch.arange(
             flat.numel(), device=flat.device))
-        return cls(cycles, tuple(offsets), mask, inverse)
+        return cls(cycles, None if offsets is None else tuple(offsets), mask, inverse)
 
     @property
     def num_candidates(self) -> int:
-        return self.cycles.numel() * len(self.offsets)
+        """Candidates per node times nodes."""
+        return self.cycles.numel() * self.candidates_per_node
+
+    @property
+    def candidates_per_node(self) -> int:
+        return self.cycles.size(1) if self.offsets is None else len(self.offsets)
 
     def behind(self) -> Tensor:
-        """:obj:`[T, len(offsets)]`: the cycle position of each candidate of each position."""
+        """:obj:`[T, candidates]`: the cycle position of each candidate of each position."""
         length = self.cycles.size(1)
         position = torch.arange(length, device=self.cycles.device)
+        if self.offsets is None:
+            return position.view(1, -1).expand(length, -1)
         offsets = torch.tensor(self.offsets, dtype=torch.long, device=self.cycles.device)
         return (position.view(-1, 1) - offsets.view(1, -1)) % max(length, 1)
 
     def sources(self) -> Tensor:
-        """:obj:`[num_cycles, T, len(offsets)]`: the node each candidate comes from."""
+        """:obj:`[num_cycles, T, candidates]`: the node each candidate comes from."""
         return self.cycles[:, self.behind()]
+
+    def edge_mask(self) -> Optional[Tensor]:
+        """:obj:`[num_cycles, T, candidates]`: which candidates are edges (:obj:`None`: all)."""
+        return None if self.mask is None else self.mask.expand(*self.cycles.shape, -1)
 
 
 @dataclass(eq=False)
@@ -107,7 +133,10 @@ class CyclicAdjacency:
         self.parts = tuple(self.parts)
         if not all(isinstance(part, CyclicNeighbours) for part in self.parts):
             raise TypeError("Expected 'parts' as CyclicNeighbours")
-        if not isinstance(self.num_nodes, int) or self.num_nodes < 0:
+        # (A torch.SymInt while torch.export traces with a dynamic batch.)
+        if isinstance(self.num_nodes, bool) or not (
+                isinstance(self.num_nodes, torch.SymInt) or
+                (isinstance(self.num_nodes, int) and self.num_nodes >= 0)):
             raise ValueError(f"Expected 'num_nodes' as an int >= 0 (got {self.num_nodes!r})")
         if len({part.cycles.device for part in self.parts}) > 1:
             raise ValueError("Every part of a CyclicAdjacency must be on one device")
@@ -140,7 +169,7 @@ class CyclicAdjacency:
         return CyclicAdjacency(parts, self.num_nodes)
 
     def num_edges(self) -> int:
-        return sum(part.num_candidates if part.mask is None else int(part.mask.sum())
+        return sum(part.num_candidates if part.mask is None else int(part.edge_mask().sum())
                    for part in self.parts)
 
     def num_candidates(self) -> int:
@@ -160,12 +189,13 @@ class CyclicAdjacency:
             sources = part.sources()
             targets = part.cycles.unsqueeze(-1).expand_as(sources)
             if part.mask is not None:
-                sources, targets = sources[part.mask], targets[part.mask]
+                sources, targets = sources[part.edge_mask()], targets[part.edge_mask()]
             edges.append(torch.stack([sources.reshape(-1), targets.reshape(-1)]))
         return torch.cat(edges, dim=1)
 
     def __repr__(self) -> str:
-        parts = ", ".join(f"{tuple(p.cycles.shape)} x {len(p.offsets)} offsets"
+        parts = ", ".join(f"{tuple(p.cycles.shape)} x "
+                          f"{'all' if p.offsets is None else len(p.offsets)} offsets"
                           f"{' masked' if p.mask is not None else ''}" for p in self.parts)
         return f"{self.__class__.__name__}(num_nodes={self.num_nodes}, parts=[{parts}])"
 

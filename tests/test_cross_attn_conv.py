@@ -6,9 +6,10 @@ import torch.nn.functional as F
 from conftest import requires_torch_sparse
 from reference import cross_attention
 
-from attvig_pyg import CrossAttnConv
+from attvig_pyg import CrossAttnConv, MaxRelativeConv
 from attvig_pyg.adjacency import CyclicAdjacency, CyclicNeighbours
-from attvig_pyg.graphs import build_graph
+from attvig_pyg.graphs import build_graph, dagc_filter
+from attvig_pyg.graphs.grid import as_feature_map, axial_parts
 from torch_geometric import EdgeIndex
 from torch_geometric.explain.algorithm.utils import clear_masks, set_masks
 from torch_geometric.typing import SparseTensor
@@ -351,21 +352,34 @@ CYCLIC_GRIDS = [(1, 80, 80, 11), (3, 128, 96, (18, 13)), (3, 7, 5, 3), (1, 1, 1,
                 (3, 8, 8, 2), (1, 6, 10, (2, 4))]
 
 
+def grid_adjacency(policy, x, k, self_loops, grid_size, form):
+    """The builders' cyclic form, or the line form torch.export traces at symbolic sizes."""
+    if form == "cycles":
+        return build_graph(policy, x, k=k, self_loops=self_loops, cyclic=True,
+                           grid_size=grid_size)
+    height, width = grid_size
+    batch_size = x.size(0) // (height * width)
+    steps = (k, k) if isinstance(k, int) else k
+    lines = CyclicAdjacency(axial_parts(batch_size, height, width, steps, self_loops,
+                                        lines=True), x.size(0))
+    return lines if policy == "svga" else dagc_filter(as_feature_map(x, grid_size), lines)
+
+
 @pytest.mark.parametrize("policy", ["svga", "dagc"])
 @pytest.mark.parametrize("normalize", ["none", "softmax", "mean"])
 @pytest.mark.parametrize("heads", [1, 8])
-def test_cyclic_adjacency_equals_its_edge_index(policy, normalize, heads):
+@pytest.mark.parametrize("form", ["cycles", "lines"])
+def test_cyclic_adjacency_equals_its_edge_index(policy, normalize, heads, form):
     """Forward, every returned weight and the gradients of the input and of every parameter, in
     float64, on grids where K divides the size and where it does not, with and without
-    self-loops."""
+    self-loops; for both forms of the axial graphs."""
     for (batch_size, height, width, k), self_loops in zip(CYCLIC_GRIDS * 2,
                                                          [False] * 6 + [True] * 6):
-        if height * width > 1000 and self_loops:
-            continue  # the large grids once per combination are enough
+        if height * width > 1000 and (self_loops or form == "lines"):
+            continue  # the large grids once per combination are enough (lines: T^2 per line)
         conv = make_conv(16, 16, heads=heads, normalize=normalize)
         x = torch.randn(batch_size * height * width, 16, dtype=torch.float64, requires_grad=True)
-        adjacency = build_graph(policy, x.detach(), k=k, self_loops=self_loops, cyclic=True,
-                                grid_size=(height, width))
+        adjacency = grid_adjacency(policy, x.detach(), k, self_loops, (height, width), form)
         edge_index = adjacency.to_edge_index()
         out, (edges, alpha) = conv(x, adjacency, return_attention_weights=True)
         expected, (_, expected_alpha) = conv(x, edge_index, return_attention_weights=True)
@@ -453,3 +467,19 @@ def test_cyclic_adjacency_no_graph_break_under_dynamo():
     torch._dynamo.reset()
     explanation = torch._dynamo.explain(conv)(x, adjacency)
     assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+@pytest.mark.parametrize("convolution", [CrossAttnConv(8, 8, heads=2), MaxRelativeConv(8, 8)])
+def test_an_uncoalesced_coo_adjacency_is_left_as_it_was(convolution):
+    """PyG's to_edge_index flags a COO tensor coalesced in place; the convs must not let it
+    (another layer would then read the repeated entries as one edge less)."""
+    edge_index = torch.tensor([[0, 1, 2, 2, 0], [1, 2, 0, 0, 1]])
+    adjacency = torch.sparse_coo_tensor(edge_index.flip(0), torch.ones(5), (3, 3))
+    indices = adjacency._indices().clone()
+    out = convolution(torch.randn(3, 8), adjacency)
+    assert not adjacency.is_coalesced() and torch.equal(adjacency._indices(), indices)
+    # The conv read it as a sparse tensor means it: repeated entries are one edge.
+    x = torch.randn(3, 8)
+    assert torch.allclose(convolution(x, adjacency), convolution(x, coalesce(edge_index)),
+                          atol=1e-6)
+    assert out.shape == (3, 8)

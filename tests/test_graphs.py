@@ -6,7 +6,8 @@ from attvig_pyg import CrossAttnConv, MaxRelativeConv
 from torch_geometric import EdgeIndex
 
 from attvig_pyg.graphs import (CyclicAdjacency, CyclicNeighbours, build_graph, dagc_adjacency,
-                               dagc_graph, knn_graph, svga_adjacency, svga_graph)
+                               dagc_filter, dagc_graph, knn_graph, svga_adjacency, svga_graph)
+from attvig_pyg.graphs.grid import axial_parts
 from attvig_pyg.graphs.knn import _chunks
 
 GRIDS = [(1, 4, 4, 2), (5, 6, 9, 2), (5, 7, 5, 3), (1, 12, 10, 4)]  # batch, height, width, K
@@ -351,3 +352,27 @@ def test_graphs_first_built_under_inference_mode_serve_a_later_backward():
     x = torch.randn(70, 4, requires_grad=True)
     (conv(x, edges).sum() + conv(x, adjacency).sum()).backward()
     assert x.grad is not None
+
+
+@pytest.mark.parametrize("batch_size, height, width, k", CYCLIC_GRIDS[:-1])
+@pytest.mark.parametrize("self_loops", [False, True])
+def test_the_line_form_is_the_same_graph(batch_size, height, width, k, self_loops):
+    """Whole lines with a mask (the form torch.export traces at symbolic sizes) hold the SVGA
+    and DAGC edges of the cyclic form."""
+    steps = (k, k) if isinstance(k, int) else k
+    lines = CyclicAdjacency(axial_parts(batch_size, height, width, steps, self_loops, lines=True),
+                            batch_size * height * width)
+    assert all(part.offsets is None for part in lines.parts)
+    assert edge_list(lines.to_edge_index()) == roll_svga(batch_size, height, width, k, self_loops)
+    assert lines.num_candidates() == batch_size * height * width * (height + width)
+    x = torch.randn(batch_size, 4, height, width)
+    dagc = dagc_filter(x, lines)
+    assert dagc.num_edges() == dagc.to_edge_index().size(1)
+    assert edge_list(dagc.to_edge_index()) == edge_list(dagc_graph(x, k, self_loops=self_loops))
+
+
+def test_a_line_part_checks_its_mask():
+    with pytest.raises(ValueError, match="offsets=None"):
+        CyclicNeighbours(torch.arange(6).view(2, 3), None)
+    with pytest.raises(ValueError, match=r"\[2, 3, 3\] or \[1, 3, 3\]"):
+        CyclicNeighbours(torch.arange(6).view(2, 3), None, torch.ones(2, 3, 2, dtype=torch.bool))

@@ -8,7 +8,7 @@ from typing import Union
 from torch import Tensor
 
 from attvig_pyg.adjacency import CyclicAdjacency, CyclicNeighbours
-from attvig_pyg.graphs.dagc import dagc_adjacency, dagc_graph, dagc_threshold
+from attvig_pyg.graphs.dagc import dagc_adjacency, dagc_filter, dagc_graph, dagc_threshold
 from attvig_pyg.graphs.grid import as_feature_map
 from attvig_pyg.graphs.knn import knn_graph
 from attvig_pyg.graphs.svga import svga_adjacency, svga_graph
@@ -44,5 +44,5 @@ def build_graph(name: str, x: Tensor, *, cyclic: bool = False,
 
 
 __all__ = ["CyclicAdjacency", "CyclicNeighbours", "GRAPH_POLICIES", "build_graph",
-           "dagc_adjacency", "dagc_graph", "dagc_threshold", "knn_graph", "svga_adjacency",
-           "svga_graph"]
+           "dagc_adjacency", "dagc_filter", "dagc_graph", "dagc_threshold", "knn_graph",
+           "svga_adjacency", "svga_graph"]

@@ -21,12 +21,14 @@ def as_pair(value: IntOrPair, name: str) -> Tuple[int, int]:
     def integer(v) -> int:
         if isinstance(v, bool):
             raise TypeError("a bool is not a step")
+        if isinstance(v, torch.SymInt):  # symbolic while torch.export traces: kept as it is
+            return v
         return operator.index(v)
     try:
         pair = tuple(map(integer, value if isinstance(value, (tuple, list)) else (value, value)))
     except TypeError:
         pair = ()
-    if len(pair) != 2 or not all(v >= 1 for v in pair):
+    if len(pair) != 2 or not all(isinstance(v, torch.SymInt) or v >= 1 for v in pair):
         raise ValueError(f"'{name}' must be a positive int or a pair of positive ints "
                          f"(got {value!r})")
     return pair
@@ -34,8 +36,9 @@ def as_pair(value: IntOrPair, name: str) -> Tuple[int, int]:
 
 def default_steps(height: int, width: int) -> Tuple[int, int]:
     """The SVGA/DAGC shift step per axis when none is given: max(1, size // 7), which is
-    GreedyViG's K = 8, 4, 2, 1 at 224 px and keeps small grids connected."""
-    return max(1, height // 7), max(1, width // 7)
+    GreedyViG's K = 8, 4, 2, 1 at 224 px and keeps small grids connected. (torch.sym_max: the
+    sizes may be symbolic while torch.export traces.)"""
+    return torch.sym_max(1, height // 7), torch.sym_max(1, width // 7)
 
 
 def as_feature_map(x: Tensor, grid_size: Optional[Tuple[int, int]] = None) -> Tensor:
@@ -70,14 +73,46 @@ def axis_cycles(length: int, step: int, self_loops: bool) -> Tuple[Tensor, Tuple
     return cycles, offsets
 
 
+def axis_line(length: int, step: int, self_loops: bool) -> Tuple[Tensor, Tensor]:
+    """The candidates of :func:`axis_cycles` as one line of ``length`` positions and a
+    ``[1, length, length]`` mask, computed with tensor operations alone: position p receives
+    from u where ``(p - u) mod length`` is a positive multiple of ``step`` (or zero, with
+    ``self_loops``). The form for sizes that are symbolic while torch.export traces."""
+    position = torch.arange(length)
+    # (The divisors as tensors: ONNX's exporter takes no symbolic scalar divisor.)
+    behind = (position.view(-1, 1) - position.view(1, -1)) % position.new_full((), length)
+    mask = behind % position.new_full((), step) == 0
+    if not self_loops:
+        mask = mask & (behind != 0)
+    return position.view(1, -1), mask.unsqueeze(0)
+
+
+def is_symbolic(*sizes) -> bool:
+    """Whether any size is symbolic: torch.export tracing with dynamic shapes."""
+    return any(isinstance(size, torch.SymInt) for size in sizes)
+
+
 def axial_parts(batch_size: int, height: int, width: int, steps: Tuple[int, int],
-                self_loops: bool,
-                device: Optional[torch.device] = None) -> Tuple[CyclicNeighbours, ...]:
+                self_loops: bool, device: Optional[torch.device] = None,
+                lines: Optional[bool] = None) -> Tuple[CyclicNeighbours, ...]:
     """The column part and the row part of a batch's axial graph (a part may have no
     candidates). Self-loops, if asked for, go into the column part only, so that every node has
-    exactly one."""
-    along_h, offsets_h = axis_cycles(height, steps[0], self_loops)
-    along_w, offsets_w = axis_cycles(width, steps[1], False)
+    exactly one.
+
+    The rule for the form: cycles with offsets (:func:`axis_cycles`, a cost proportional to the
+    edges) where the sizes are numbers; whole lines with a mask (:func:`axis_line`, a cost of H
+    + W candidates per node) where torch.export traces with symbolic sizes, since the cycles'
+    structure depends on the sizes' values. ``lines`` overrides the rule."""
+    if lines is None:
+        lines = is_symbolic(height, width, *steps)
+    if lines:
+        along_h, mask_h = axis_line(height, steps[0], self_loops)
+        along_w, mask_w = axis_line(width, steps[1], False)
+        offsets_h = offsets_w = None
+    else:
+        (along_h, offsets_h), (along_w, offsets_w) = (axis_cycles(height, steps[0], self_loops),
+                                                      axis_cycles(width, steps[1], False))
+        mask_h = mask_w = None
     image = torch.arange(batch_size).view(-1, 1, 1, 1) * (height * width)
     # Column cycles, ordered (image, column, cycle): node b*H*W + h*W + w for h along the cycle.
     columns = image + along_h.view(1, 1, *along_h.shape) * width + \
@@ -86,5 +121,7 @@ def axial_parts(batch_size: int, height: int, width: int, steps: Tuple[int, int]
     rows = image + torch.arange(height).view(1, -1, 1, 1) * width + \
         along_w.view(1, 1, *along_w.shape)
     # Each part holds every node once: permutations.
-    return (CyclicNeighbours.permutation(columns.flatten(0, 2).to(device), offsets_h),
-            CyclicNeighbours.permutation(rows.flatten(0, 2).to(device), offsets_w))
+    return (CyclicNeighbours.permutation(columns.flatten(0, 2).to(device), offsets_h,
+                                         None if mask_h is None else mask_h.to(device)),
+            CyclicNeighbours.permutation(rows.flatten(0, 2).to(device), offsets_w,
+                                         None if mask_w is None else mask_w.to(device)))

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch_geometric import EdgeIndex
 
-from attvig_pyg.graphs.grid import as_feature_map
+from attvig_pyg.graphs.grid import as_feature_map, is_symbolic
 
 DEFAULT_MEMORY_BUDGET = 256 * 2**20
 
@@ -64,7 +64,11 @@ def knn_graph(x: Tensor, k: int, *, dilation: int = 1, self_loops: bool = True,
     features = F.normalize(x.flatten(2).transpose(1, 2), dim=-1)       # [B, N, C]
     squared = features.square().sum(dim=-1)                            # [B, N]
     nearest = torch.empty(batch_size, nodes, k * dilation, dtype=torch.long, device=x.device)
-    for images, rows in _chunks(batch_size, nodes, features.element_size(), memory_budget):
+    # While torch.export traces with symbolic sizes, one chunk (the chunks' count would fix the
+    # sizes): the exported program does not keep to the memory budget.
+    chunks = ([(slice(0, batch_size), slice(0, nodes))] if is_symbolic(batch_size, nodes) else
+              _chunks(batch_size, nodes, features.element_size(), memory_budget))
+    for images, rows in chunks:
         query = features[images, rows]
         distance = torch.bmm(query, features[images].transpose(1, 2)).mul_(-2)
         distance.add_(squared[images, rows].unsqueeze(-1)).add_(squared[images].unsqueeze(1))

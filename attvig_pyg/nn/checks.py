@@ -1,4 +1,5 @@
-"""Input checks shared by the convs: clear errors instead of a failed gather deep inside PyG."""
+"""Input checks shared by the convs: clear errors instead of a failed gather deep inside PyG;
+and inputs the convs must not modify."""
 import torch
 from torch import Tensor
 
@@ -61,3 +62,14 @@ def check_adjacency(edge_index, x_src: Tensor, x_dst: Tensor) -> None:
             bad = low if low < 0 else high
             raise IndexError(f"'edge_index[{row}]' holds {name} node id {bad}, outside the valid "
                              f"range [0, {count - 1}] of the {count} {name} nodes")
+
+
+def unshared_adjacency(edge_index):
+    """``edge_index``, or for an uncoalesced ``torch.sparse`` COO adjacency a coalesced copy:
+    PyG's ``to_edge_index`` would flag the caller's tensor coalesced in place, so that its
+    other layers would read repeated entries as one. (A sparse tensor means its coalesced form:
+    repeated entries are one edge.)"""
+    if is_torch_sparse_tensor(edge_index) and edge_index.layout == torch.sparse_coo and \
+            not edge_index.is_coalesced():
+        return edge_index.coalesce()
+    return edge_index

@@ -14,7 +14,7 @@ from torch_geometric.utils import is_sparse, is_torch_sparse_tensor, scatter, to
 from torch_geometric.utils.sparse import set_sparse_value
 
 from attvig_pyg.adjacency import CyclicAdjacency
-from attvig_pyg.nn.checks import check_adjacency, check_node_features
+from attvig_pyg.nn.checks import check_adjacency, check_node_features, unshared_adjacency
 from attvig_pyg.nn.functional import (FUSED_DTYPES, NORMALIZE_MODES, EdgeList,
                                       attention_weights, cyclic_attention,
                                       cyclic_edge_weights, gather_dot, l2_normalize,
@@ -230,6 +230,7 @@ class CrossAttnConv(MessagePassing):
         check_node_features(x_src, in_src, "source")
         check_node_features(x_dst, in_dst, "target")
         check_adjacency(edge_index, x_src, x_dst)
+        edge_index = unshared_adjacency(edge_index)
 
         H, D = self.heads, self.out_channels // self.heads
         query = l2_normalize(self.lin_query(x_dst).view(-1, H, D), self.eps)

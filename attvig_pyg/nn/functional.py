@@ -98,8 +98,9 @@ def _per_node(values: Sequence[Tensor], targets: Sequence[Tensor], num_nodes: in
 # offset, which costs what the candidates cost.
 
 def scores_densely(part: CyclicNeighbours) -> bool:
-    """The rule: dense blocks when the candidates fill at least half of every cycle."""
-    return 2 * len(part.offsets) >= part.cycles.size(1)
+    """The rule: dense blocks when the candidates fill at least half of every cycle (always
+    for a part whose candidates are every member, ``offsets=None``)."""
+    return part.offsets is None or 2 * len(part.offsets) >= part.cycles.size(1)
 
 
 class _PermuteRows(torch.autograd.Function):
@@ -138,6 +139,8 @@ def _add_to_nodes(out: Tensor, values: Tensor, part: CyclicNeighbours) -> Tensor
 
 def _dense_mask(part: CyclicNeighbours) -> Tensor:
     """``[num_cycles or 1, T, T]``: which (position, member) pairs of a cycle are edges."""
+    if part.offsets is None:
+        return part.mask
     length = part.cycles.size(1)
     behind = part.behind()
     if part.mask is None:
@@ -199,12 +202,13 @@ def cyclic_edge_weights(weights: Sequence[Tensor], adjacency: CyclicAdjacency) -
     :meth:`CyclicAdjacency.to_edge_index`."""
     per_edge = []
     for part, weight in zip(adjacency.parts, weights):
-        if scores_densely(part):  # [P, T, H, T] -> the offsets' columns, [P, T, H, M]
+        if part.offsets is not None and scores_densely(part):  # [P, T, H, T] -> [P, T, H, M]
             behind = part.behind()
             index = behind.view(1, behind.size(0), 1, -1).expand(*weight.shape[:-1], -1)
             weight = weight.gather(-1, index)
         weight = weight.transpose(-1, -2)  # [P, T, M, H]: an edge per (cycle, position, offset)
-        per_edge.append(weight.flatten(0, 2) if part.mask is None else weight[part.mask])
+        per_edge.append(weight.flatten(0, 2) if part.mask is None else
+                        weight[part.edge_mask()])
     return torch.cat(per_edge)
 
 

@@ -9,7 +9,7 @@ from torch_geometric.nn.resolver import activation_resolver, normalization_resol
 from torch_geometric.typing import Adj, PairTensor
 
 from attvig_pyg.adjacency import CyclicAdjacency
-from attvig_pyg.nn.checks import check_adjacency, check_node_features
+from attvig_pyg.nn.checks import check_adjacency, check_node_features, unshared_adjacency
 from attvig_pyg.nn.grouped_linear import GroupedLinear
 
 
@@ -126,6 +126,7 @@ class MaxRelativeConv(MessagePassing):
             raise TypeError("MaxRelativeConv takes an edge_index or a sparse adjacency; convert "
                             "a CyclicAdjacency with its to_edge_index()")
         check_adjacency(edge_index, x_src, x_dst)
+        edge_index = unshared_adjacency(edge_index)
 
         relative = self.propagate(edge_index, x=(x_src, x_dst),
                                   size=(x_src.size(0), x_dst.size(0)))
