@@ -44,7 +44,7 @@ def create(variant: str, features_only: bool = False) -> torch.nn.Module:
     import timm
     from timm.utils.model import reparameterize_model
 
-    import attvig_pyg  # noqa: F401  (registers AttentionViG with timm)
+    import attvig_pyg.models  # noqa: F401  (registers the models with timm)
     name, *options = variant.split("+")
     kwargs = dict(aggregator="max_relative", graph="dagc") if "maxrel_dagc" in options else {}
     if features_only:
@@ -207,7 +207,7 @@ def scaling_section(best: Dict, args) -> str:
         f"Command: `{command.strip()}` ({environment()}; eager, unfused, untrained weights; "
         f"best of {args.rounds} interleaved rounds x {args.repeats} steps, each in a fresh "
         "process). Inference, batch 1; MACs include the cross-attention's shifted products "
-        "(benchmarking.multiply_adds); features: `features_only=True` models, all four stages, "
+        "(attvig_pyg.models.complexity.multiply_adds); features: `features_only=True` models, all four stages, "
         "against timm's resnet50.\n\n" + markdown_table(
             ["input (h x w)", "pixels vs 224", "MACs (G)", "MACs per pixel vs 224",
              "ms per image", "time per pixel vs 224", "features: time vs resnet50",

@@ -25,7 +25,7 @@ TASKS = {"inference": (1, 800, 1216), "train": (2, 512, 512)}
 def detector(name: str, task: str):
     from torchvision.models.detection import MaskRCNN, maskrcnn_resnet50_fpn
 
-    import attvig_pyg  # noqa: F401
+    import attvig_pyg.models  # noqa: F401  (registers the models with timm)
     from attvig_pyg.models import attentionvig_fpn_backbone
 
     _, height, width = TASKS[task]

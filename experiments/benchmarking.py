@@ -1,5 +1,5 @@
 """What the benchmark programs (and the ablation script) share: isolated measurements, the
-multiply-add count of record and the docs/benchmarks.md writer.
+multiply-add count of record (attvig_pyg.models.complexity) and the docs/benchmarks.md writer.
 
 Memory is the peak resident set size (VmHWM) of a fresh process during one step, minus the
 resident size just before it: the extra memory the step needed, activations and workspace
@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Callable, Dict, List
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+
+from attvig_pyg.models.complexity import multiply_adds  # noqa: F401  (the programs' MAC count)
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS_MD = ROOT / "docs" / "benchmarks.md"
@@ -46,35 +47,6 @@ def measure(step: Callable[[], None], repeats: int) -> Dict[str, float]:
         step()
         times.append(time.perf_counter() - start)
     return {"time_s": min(times), "peak_mib": (peak - before) / 1024}
-
-
-def multiply_adds(model: torch.nn.Module, size) -> float:
-    """Multiply-adds of one image of ``size`` (an int or (height, width); batch 1, eval mode):
-    torch's FlopCounterMode total / 2, plus CrossAttnConv's aggregation over the parts of a
-    CyclicAdjacency scored by shifts, elementwise products that FlopCounterMode (like fvcore, the
-    paper's counter) does not see: 2 per channel and candidate, for the score and the weighted
-    sum. (Parts scored as dense blocks are batched matrix products: FlopCounterMode counts them.)
-    """
-    from attvig_pyg import CrossAttnConv
-    from attvig_pyg.adjacency import CyclicAdjacency
-    from attvig_pyg.nn.functional import scores_densely
-
-    height, width = (size, size) if isinstance(size, int) else size
-    aggregation = []
-
-    def count(conv, inputs, _):
-        if isinstance(inputs[1], CyclicAdjacency):
-            aggregation.append(2 * conv.out_channels * sum(
-                part.num_candidates for part in inputs[1].parts if not scores_densely(part)))
-    hooks = [module.register_forward_hook(count) for module in model.modules()
-             if isinstance(module, CrossAttnConv)]
-    try:
-        with FlopCounterMode(display=False) as counter, torch.no_grad():
-            model.eval()(torch.randn(1, 3, height, width))
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return counter.get_total_flops() / 2 + sum(aggregation)
 
 
 def run_isolated(script: Path, args: List[str]) -> Dict[str, float]:

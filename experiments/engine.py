@@ -40,7 +40,7 @@ from timm.utils import (ModelEmaV3, dispatch_clip_grad, distribute_bn, init_dist
                         is_distributed_env, random_seed, setup_default_logging, unwrap_model,
                         update_summary)
 
-import attvig_pyg  # noqa: F401  (registers AttentionViG and the ViG harness with timm)
+import attvig_pyg.models  # noqa: F401  (registers the models with timm)
 from attvig_pyg.models.fusion import fuse_batchnorm
 
 log = logging.getLogger("engine")

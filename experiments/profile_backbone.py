@@ -14,7 +14,7 @@ import timm
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-import attvig_pyg  # noqa: F401  (registers AttentionViG with timm)
+import attvig_pyg.models  # noqa: F401  (registers the models with timm)
 
 
 def operator_table(model: torch.nn.Module, mode: str, rows: int) -> str:

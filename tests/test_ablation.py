@@ -19,8 +19,10 @@ def test_flops_table_rows_are_within_ten_percent_of_the_original_vig(tmp_path):
     rows = {match[0]: float(match[1]) for match in
             re.findall(r"^\| (\w+) \| [\d.]+ \| ([\d.]+) \|", text, re.M)}
     assert list(rows) == ["gin", "sage", "edge", "max_relative", "cross_attn"]
-    for aggregator, macs in rows.items():
-        assert abs(macs / ablation.ORIGINAL_MACS[aggregator] - 1) < 0.10, (aggregator, macs)
+    for aggregator, macs in rows.items():  # cross-attention has only the paper's figure
+        reference = ablation.ORIGINAL_MACS.get(aggregator, ablation.PAPER_MACS[aggregator])
+        assert abs(macs / reference - 1) < 0.10, (aggregator, macs)
+    assert "| cross_attn | 8.51 | 1.567 | - | - | 1.6 | -2.1% |" in text
 
 
 def test_cpu_profile_keeps_every_knn_graph_at_most_half_complete():

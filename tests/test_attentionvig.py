@@ -1,13 +1,15 @@
 import io
 import logging
+import subprocess
+import sys
 
 import pytest
 import timm
 import torch
 
-import attvig_pyg  # noqa: F401  (registers the models with timm)
+import attvig_pyg.models  # noqa: F401  (registers the models with timm)
 from attvig_pyg.models.attentionvig import AttentionViG, GraphMixer
-from benchmarking import multiply_adds
+from attvig_pyg.models.complexity import multiply_adds
 
 TINY = dict(depths=(1, 1, 1, 1), dims=(16, 32, 48, 64), head_hidden_size=32)
 # Table 1 of the paper (distillation head included): parameters (M), multiply-adds (G) at 224 px.
@@ -156,7 +158,7 @@ def test_reset_classifier():
     assert model(torch.randn(2, 3, 64, 64)).shape == (2, 3)
     model.reset_classifier(0, global_pool="")
     features = model.forward_features(torch.randn(2, 3, 64, 64))
-    assert model.forward_head(features).shape == (2, 32 * 2 * 2)
+    assert model.forward_head(features).shape == (2, 32, 2, 2)  # no pooling: the map is kept
 
 
 def test_graph_summary_at_224():
@@ -206,3 +208,24 @@ def test_a_training_step_after_an_inference_mode_evaluation_works(model_name, kw
         model.eval()(images)
     model.train()(images).sum().backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_the_conv_alone_does_not_import_timm():
+    code = ("import sys; import attvig_pyg.nn, attvig_pyg.graphs; from attvig_pyg import "
+            "CrossAttnConv; assert 'timm' not in sys.modules, 'timm imported'; "
+            "import attvig_pyg.models, timm; assert 'attentionvig_s' in timm.list_models()")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_graph_k_that_leaves_a_map_without_neighbours_is_warned_once(caplog):
+    model = tiny(graph_k=[(16, 16), 4, 2, 1]).eval()  # stage 1 at 64 px: a 16x16 map
+    with caplog.at_level(logging.WARNING):
+        model(torch.randn(1, 3, 64, 64))
+        model(torch.randn(1, 3, 64, 64))
+    assert caplog.text.count("leaves the nodes of a 16x16 map without neighbours") == 2  # per
+    # Grapher, once each; the 1x1 map of stage 4 (no other node) and the default K are quiet.
+    assert "1x1 map" not in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        tiny().eval()(torch.randn(1, 3, 32, 32))
+    assert "without neighbours" not in caplog.text

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from attvig_pyg.models import greedyvig, vig
-from benchmarking import multiply_adds
+from attvig_pyg.models.complexity import multiply_adds
 
 
 def batch_norm(prefix, channels):

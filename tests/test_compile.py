@@ -3,7 +3,7 @@ import pytest
 import timm
 import torch
 
-import attvig_pyg  # noqa: F401  (registers AttentionViG with timm)
+import attvig_pyg.models  # noqa: F401  (registers the models with timm)
 
 TINY = dict(depths=[1, 1, 1, 1], dims=[8, 16, 24, 32], head_hidden_size=16, heads=4)
 

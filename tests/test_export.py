@@ -60,3 +60,8 @@ def test_onnx_in_onnxruntime_equals_eager(graph, tmp_path):
             x = torch.randn(shape)
             out, = session.run(None, {name: x.numpy()})
             assert abs(torch.from_numpy(out) - network(x)).max() < 1e-4, shape
+
+
+def test_the_torchscript_tracer_is_refused_by_name():
+    with pytest.raises(RuntimeError, match="dynamo=True"):
+        torch.jit.trace(model("svga"), torch.randn(1, 3, 64, 64))

@@ -96,3 +96,34 @@ def test_neighbor_loader_mini_batch_training_step():
     optimizer.step()
     assert torch.isfinite(loss)
     assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+
+
+CONVS = [lambda: CrossAttnConv(8, 16, heads=4), lambda: CrossAttnConv(8, 16, normalize="softmax"),
+         lambda: MaxRelativeConv(8, 16, groups=4)]
+
+
+@pytest.mark.parametrize("make", CONVS)
+def test_pyg_assert_module(make):
+    """PyG's own check: output size, edge permutation, and the torch_sparse, CSC and COO
+    layouts of the same adjacency (repeated edges removed: a sparse adjacency holds each
+    once)."""
+    from torch_geometric.testing import assert_module
+    from torch_geometric.utils import coalesce
+
+    conv = make().double()
+    x = torch.randn(20, 8, dtype=torch.float64)
+    edge_index = coalesce(torch.randint(0, 20, (2, 90)))
+    assert_module(conv, x, edge_index, expected_size=(20, 16), atol=1e-10)
+
+
+@pytest.mark.parametrize("make", CONVS)
+def test_node_permutation(make):
+    """Renumbering the nodes renumbers the output rows, nothing else (PyG's assert_module does
+    not test this yet)."""
+    conv = make().double()
+    x = torch.randn(20, 8, dtype=torch.float64)
+    edge_index = torch.randint(0, 20, (2, 90))
+    perm = torch.randperm(20)
+    position = torch.empty_like(perm).scatter_(0, perm, torch.arange(20))  # new id of each node
+    out = conv(x[perm], position[edge_index])
+    assert torch.allclose(out, conv(x, edge_index)[perm], atol=1e-10)

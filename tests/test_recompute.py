@@ -6,7 +6,7 @@ import pytest
 import timm
 import torch
 
-import attvig_pyg  # noqa: F401
+import attvig_pyg.models  # noqa: F401  (registers the models with timm)
 from attvig_pyg.models.recompute import recompute_in_backward
 
 

@@ -14,9 +14,9 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._manipulate import checkpoint_seq
+from timm.layers import DropPath, calculate_drop_path_rates, trunc_normal_
+from timm.models import (build_model_with_cfg, checkpoint_seq, generate_default_cfgs,
+                         register_model)
 
 from attvig_pyg.graphs import GRAPH_POLICIES, build_graph
 from attvig_pyg.graphs.grid import IntOrPair, as_pair, default_steps
@@ -113,7 +113,7 @@ class GraphMixer(nn.Module):
         self.k = None if k is None else as_pair(k, "k")
         self.knn_k = knn_k
         self.knn_dilation = knn_dilation
-        self._clamp_warned = set()
+        self._warned = set()  # map sizes warned about
         self.cpe = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
         if aggregator == "cross_attn":
             self.fc1 = self.fc2 = nn.Identity()
@@ -124,8 +124,20 @@ class GraphMixer(nn.Module):
             self.conv = MaxRelativeConv(dim, dim, norm="batch_norm", act="gelu")
 
     def shift(self, height: int, width: int) -> Tuple[int, int]:
-        """SVGA/DAGC shift step per axis: the explicit K, or max(1, size // 7)."""
-        return self.k or default_steps(height, width)
+        """SVGA/DAGC shift step per axis: the explicit K, or max(1, size // 7). An explicit K
+        that leaves a map of several nodes without a single neighbour is warned about, once per
+        map size."""
+        if self.k is None:
+            return default_steps(height, width)
+        kh, kw = self.k
+        if isinstance(height, int) and isinstance(width, int) and height * width > 1 and \
+                kh >= height and kw >= width and (height, width) not in self._warned \
+                and not torch.compiler.is_compiling():
+            self._warned.add((height, width))
+            log.warning("graph_k=%s leaves the nodes of a %dx%d map without neighbours (a "
+                        "step K reaches no other node of an axis shorter than or as long as K)",
+                        self.k, height, width)
+        return self.k
 
     def knn_params(self, height: int, width: int) -> Tuple[int, int]:
         """k and dilation of the kNN graph, with k * dilation clamped to the nodes of a map."""
@@ -135,8 +147,8 @@ class GraphMixer(nn.Module):
         k = min(self.knn_k, nodes)
         dilation = max(1, min(self.knn_dilation, nodes // k))
         # (The warning comes from eager runs: logging would break a compiled graph.)
-        if (height, width) not in self._clamp_warned and not torch.compiler.is_compiling():
-            self._clamp_warned.add((height, width))
+        if (height, width) not in self._warned and not torch.compiler.is_compiling():
+            self._warned.add((height, width))
             log.warning("kNN: k=%d, dilation=%d needs %d nodes but a %dx%d map has %d; using "
                         "k=%d, dilation=%d", self.knn_k, self.knn_dilation,
                         self.knn_k * self.knn_dilation, height, width, nodes, k, dilation)
@@ -272,8 +284,7 @@ class AttentionViG(nn.Module):
         if len(graphers) != len(dims) or any(g < 0 for g in graphers):
             raise ValueError(f"'graphers' needs an int >= 0 or one per stage ({len(dims)}), got "
                              f"{graphers}")
-        if global_pool not in ("avg", ""):
-            raise ValueError(f"Unknown global_pool '{global_pool}' (expected 'avg' or '')")
+        check_pool(global_pool)
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.global_pool = global_pool
@@ -284,10 +295,11 @@ class AttentionViG(nn.Module):
         self.distilled_training = False
 
         self.stem = Stem(in_chans, dims[0])
-        rates = torch.linspace(0, drop_path_rate, sum(depths) + sum(graphers)).tolist()
+        # Rising linearly over all blocks in order, inverted residuals then Graphers per stage.
+        rates = calculate_drop_path_rates(drop_path_rate, [d + g for d, g in zip(depths, graphers)],
+                                          stagewise=True)
         stages, self.feature_info = [], []
-        for i, (depth, dim, count) in enumerate(zip(depths, dims, graphers)):
-            block_rates, rates = rates[:depth + count], rates[depth + count:]
+        for i, (depth, dim, count, block_rates) in enumerate(zip(depths, dims, graphers, rates)):
             stages.append(Stage(
                 dims[max(i - 1, 0)], dim, depth, count, i > 0, block_rates,
                 layer_scale_init_value,
@@ -350,8 +362,7 @@ class AttentionViG(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         if global_pool is not None:
-            if global_pool not in ("avg", ""):
-                raise ValueError(f"Unknown global_pool '{global_pool}' (expected 'avg' or '')")
+            check_pool(global_pool)
             self.global_pool = global_pool
         self.num_classes = num_classes
         self.head = nn.Linear(self.head_hidden_size, num_classes) if num_classes else nn.Identity()
@@ -430,7 +441,12 @@ class AttentionViG(nn.Module):
 
     # ---- forward -------------------------------------------------------------------------
 
-    def forward_features(self, x: Tensor) -> Tensor:
+    def _check_images(self, x: Tensor) -> None:
+        if torch.jit.is_tracing():
+            raise RuntimeError("AttentionViG cannot be traced by TorchScript (torch.jit.trace, "
+                               "torch.onnx.export(..., dynamo=False)): export it with "
+                               "torch.export.export or torch.onnx.export(..., dynamo=True) "
+                               "(docs/deployment.md)")
         if x.dim() != 4 or x.size(1) != self.in_chans:
             raise ValueError(f"Expected images of shape [batch, {self.in_chans}, height, width] "
                              f"(got {tuple(x.shape)})")
@@ -438,24 +454,95 @@ class AttentionViG(nn.Module):
             raise ValueError(f"AttentionViG needs inputs of at least {MIN_INPUT_SIZE}x"
                              f"{MIN_INPUT_SIZE} pixels (total stride 32 over four stages); "
                              f"got {x.size(-2)}x{x.size(-1)}")
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        self._check_images(x)
         return self.stages(self.stem(x))
+
+    def forward_intermediates(self, x: Tensor, indices: Optional[Union[int, List[int]]] = None,
+                              norm: bool = False, stop_early: bool = False,
+                              output_fmt: str = "NCHW", intermediates_only: bool = False
+                              ) -> Union[List[Tensor], Tuple[Tensor, List[Tensor]]]:
+        """timm's feature interface: the output maps of the stages in ``indices`` (all for
+        ``None``, the last n for an int n; NCHW at strides 4 to 32) and, unless
+        ``intermediates_only``, the final features. There is no final norm: ``norm`` changes
+        nothing."""
+        if output_fmt != "NCHW":
+            raise ValueError(f"AttentionViG's intermediates are NCHW maps (got output_fmt="
+                             f"'{output_fmt}')")
+        taken, max_index = take_indices(len(self.stages), indices)
+        self._check_images(x)
+        x = self.stem(x)
+        intermediates = []
+        for index, stage in enumerate(self.stages[:max_index + 1] if stop_early else
+                                      self.stages):
+            x = stage(x)
+            if index in taken:
+                intermediates.append(x)
+        return intermediates if intermediates_only else (x, intermediates)
+
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1,
+                                  prune_norm: bool = False, prune_head: bool = True) -> List[int]:
+        """Drops the stages after the last of ``indices`` (and with ``prune_head`` the head:
+        pre-logits and both classifiers); returns the absolute indices."""
+        taken, max_index = take_indices(len(self.stages), indices)
+        self.stages = self.stages[:max_index + 1]
+        self.feature_info = self.feature_info[:max_index + 1]
+        if prune_head:
+            self.pre_logits = nn.Identity()
+            self.head_hidden_size = self.num_features = self.feature_info[-1]["num_chs"]
+            self.reset_classifier(0, "")
+        return taken
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Union[Tensor, Tuple[Tensor,
                                                                                        Tensor]]:
-        if self.global_pool == "avg":
+        """Pooling (``global_pool="avg"``), the pre-logits conv + BN + GELU and the classifiers.
+        Without pooling (``global_pool=""``) the result keeps its map: ``[B, C, H, W]``, the
+        classifiers applied at every location."""
+        pooled = self.global_pool == "avg"
+        if pooled:
             x = x.mean(dim=(2, 3), keepdim=True)
-        x = self.head_drop(self.pre_logits(x).flatten(1))
+        x = self.head_drop(self.pre_logits(x))
+        x = x.flatten(1) if pooled else x.permute(0, 2, 3, 1)  # channels last for the classifiers
         if pre_logits:
-            return x
-        if self.head_dist is None:
-            return self.head(x)
-        logits, logits_dist = self.head(x), self.head_dist(x)
-        if self.distilled_training and self.training and not torch.jit.is_scripting():
-            return logits, logits_dist
-        return (logits + logits_dist) / 2
+            return x if pooled else x.permute(0, 3, 1, 2)
+        logits = self.head(x)
+        if self.head_dist is not None:
+            logits_dist = self.head_dist(x)
+            if self.distilled_training and self.training and not torch.jit.is_scripting():
+                return logits, logits_dist
+            logits = (logits + logits_dist) / 2
+        return logits if pooled else logits.permute(0, 3, 1, 2)
 
     def forward(self, x: Tensor) -> Union[Tensor, Tuple[Tensor, Tensor]]:
         return self.forward_head(self.forward_features(x))
+
+
+def take_indices(count: int, indices: Optional[Union[int, Sequence[int]]]) -> Tuple[List[int],
+                                                                                  int]:
+    """timm's convention for the stages ``forward_intermediates`` returns: ``None`` all of
+    ``count``, an int n the last n, a sequence those indices (negative ones from the end).
+    Returns the absolute indices and the largest. (timm's own helper for this lives in a
+    private module.)"""
+    if indices is None:
+        indices = count
+    if isinstance(indices, int):
+        if not 0 < indices <= count:
+            raise ValueError(f"Expected the last n of {count} stages, 1 <= n <= {count} (got "
+                             f"{indices})")
+        absolute = list(range(count - indices, count))
+    else:
+        absolute = [i + count if i < 0 else i for i in indices]
+        if not absolute or not all(0 <= i < count for i in absolute):
+            raise ValueError(f"Expected stage indices in [{-count}, {count - 1}] (got "
+                             f"{list(indices)})")
+    return absolute, max(absolute)
+
+
+def check_pool(global_pool: str) -> None:
+    if global_pool not in ("avg", ""):
+        raise ValueError(f"Unknown global_pool '{global_pool}' (expected 'avg', or '' for no "
+                         "pooling)")
 
 
 def _cfg(**kwargs) -> Dict:
@@ -472,29 +559,31 @@ default_cfgs = generate_default_cfgs({
 })
 
 
-def _create(variant: str, pretrained: bool = False, **kwargs) -> AttentionViG:
+def create_model(variant: str, pretrained: bool = False, **kwargs) -> AttentionViG:
+    """timm's builder for every registered AttentionViG skeleton (``features_only`` through
+    :meth:`AttentionViG.forward_intermediates`)."""
     out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
     return build_model_with_cfg(AttentionViG, variant, pretrained,
-                                feature_cfg=dict(flatten_sequential=True, out_indices=out_indices),
+                                feature_cfg=dict(feature_cls="getter", out_indices=out_indices),
                                 **kwargs)
 
 
 @register_model
 def attentionvig_s(pretrained: bool = False, **kwargs) -> AttentionViG:
     """AttentionViG-S: 12.3 M parameters, 1.6 G multiply-adds at 224 px (Table 1)."""
-    return _create("attentionvig_s", pretrained, **dict(dict(depths=(2, 2, 6, 2),
+    return create_model("attentionvig_s", pretrained, **dict(dict(depths=(2, 2, 6, 2),
                                                              dims=(48, 96, 192, 384)), **kwargs))
 
 
 @register_model
 def attentionvig_m(pretrained: bool = False, **kwargs) -> AttentionViG:
     """AttentionViG-M: 22.2 M parameters, 3.2 G multiply-adds at 224 px (Table 1)."""
-    return _create("attentionvig_m", pretrained, **dict(dict(depths=(4, 4, 12, 4),
+    return create_model("attentionvig_m", pretrained, **dict(dict(depths=(4, 4, 12, 4),
                                                              dims=(56, 112, 224, 448)), **kwargs))
 
 
 @register_model
 def attentionvig_b(pretrained: bool = False, **kwargs) -> AttentionViG:
     """AttentionViG-B: 32.3 M parameters, 4.8 G multiply-adds at 224 px (Table 1)."""
-    return _create("attentionvig_b", pretrained, **dict(dict(depths=(5, 5, 15, 5),
+    return create_model("attentionvig_b", pretrained, **dict(dict(depths=(5, 5, 15, 5),
                                                              dims=(64, 128, 256, 512)), **kwargs))

@@ -16,9 +16,9 @@ from typing import Dict, Optional
 from torch import Tensor
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 
-from attvig_pyg.models.attentionvig import AttentionViG
+from attvig_pyg.models.attentionvig import AttentionViG, create_model
 from attvig_pyg.models.checkpoints import check_fits, unwrap_state_dict
 
 __all__ = ["checkpoint_filter_fn"]
@@ -117,12 +117,9 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs) -> AttentionViG:
-    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
     settings = dict(VARIANTS[variant], aggregator="max_relative", graph="dagc", graph_k=GRAPH_K)
-    return build_model_with_cfg(AttentionViG, variant, pretrained,
-                                pretrained_filter_fn=checkpoint_filter_fn,
-                                feature_cfg=dict(flatten_sequential=True, out_indices=out_indices),
-                                **dict(settings, **kwargs))
+    return create_model(variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+                        **dict(settings, **kwargs))
 
 
 @register_model

@@ -8,18 +8,20 @@ written down in docs/ablation.md.
 """
 import math
 import re
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from timm.layers import DropPath
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.layers import DropPath, calculate_drop_path_rates
+from timm.models import (build_model_with_cfg, checkpoint_seq, generate_default_cfgs,
+                         register_model)
 from torch_geometric.nn import EdgeConv, GINConv, SAGEConv
 
 from attvig_pyg.graphs import GRAPH_POLICIES, build_graph
 from attvig_pyg.graphs.grid import default_steps
+from attvig_pyg.models.attentionvig import check_pool, take_indices
 from attvig_pyg.models.checkpoints import check_fits, unwrap_state_dict
 from attvig_pyg.models.fusion import fuse_batchnorm
 from attvig_pyg.nn import CrossAttnConv, GroupedLinear, MaxRelativeConv
@@ -138,6 +140,7 @@ class ViG(nn.Module):
         if graph not in GRAPH_POLICIES:
             raise ValueError(f"Unknown graph policy '{graph}' (expected one of "
                              f"{', '.join(GRAPH_POLICIES)})")
+        check_pool(global_pool)
         if patch_size < 2 or patch_size & (patch_size - 1):
             raise ValueError(f"'patch_size' must be a power of two >= 2 (got {patch_size})")
         self.aggregator, self.graph = aggregator, graph
@@ -158,7 +161,7 @@ class ViG(nn.Module):
 
         ks = [int(v) for v in torch.linspace(k, 2 * k, depth)]
         max_dilation = max(1, self.nodes // max(ks))
-        rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        rates = calculate_drop_path_rates(drop_path_rate, depth)
         self.blocks = nn.Sequential(*[nn.Sequential(
             Grapher(channels, aggregator, graph, ks[i], min(i // 4 + 1, max_dilation), heads,
                     rates[i]),
@@ -167,7 +170,9 @@ class ViG(nn.Module):
                                         nn.BatchNorm2d(head_hidden_size), nn.GELU())
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(head_hidden_size, num_classes) if num_classes else nn.Identity()
-        self.feature_info = [dict(num_chs=channels, reduction=patch_size, module="blocks")]
+        self.feature_info = [dict(num_chs=channels, reduction=patch_size, module=f"blocks.{i}")
+                             for i in range(depth)]
+        self.grad_checkpointing = False
         self._init_weights(shared_seed)
 
     def _init_weights(self, shared_seed: int) -> None:
@@ -208,6 +213,19 @@ class ViG(nn.Module):
             summary.append(entry)
         return summary
 
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        return {"pos_embed"}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict:
+        return dict(stem=r"^stem|^pos_embed", blocks=r"^blocks\.(\d+)" if coarse else [
+            (r"^blocks\.(\d+)", None), (r"^pre_logits", (99999,))])
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
     def reparameterize(self) -> "ViG":
         """For inference: BatchNorm folded into the maps before it, in place (see
         :meth:`AttentionViG.reparameterize`)."""
@@ -219,11 +237,13 @@ class ViG(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         if global_pool is not None:
+            check_pool(global_pool)
             self.global_pool = global_pool
         self.num_classes = num_classes
         self.head = nn.Linear(self.head_hidden_size, num_classes) if num_classes else nn.Identity()
 
-    def forward_features(self, x: Tensor) -> Tensor:
+    def _embed(self, x: Tensor) -> Tensor:
+        """Stem and position embedding (interpolated to other sizes)."""
         if x.dim() != 4 or x.size(1) != self.in_chans:
             raise ValueError(f"Expected images of shape [batch, {self.in_chans}, height, width] "
                              f"(got {tuple(x.shape)})")
@@ -232,13 +252,53 @@ class ViG(nn.Module):
         if pos_embed.shape[-2:] != x.shape[-2:]:
             pos_embed = F.interpolate(pos_embed, size=x.shape[-2:], mode="bicubic",
                                       align_corners=False)
-        return self.blocks(x + pos_embed)
+        return x + pos_embed
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        x = self._embed(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq(self.blocks, x)
+        return self.blocks(x)
+
+    def forward_intermediates(self, x: Tensor, indices: Optional[Union[int, List[int]]] = None,
+                              norm: bool = False, stop_early: bool = False,
+                              output_fmt: str = "NCHW", intermediates_only: bool = False
+                              ) -> Union[List[Tensor], Tuple[Tensor, List[Tensor]]]:
+        """timm's feature interface over the blocks (see
+        :meth:`AttentionViG.forward_intermediates`): NCHW maps at the stem's stride."""
+        if output_fmt != "NCHW":
+            raise ValueError(f"ViG's intermediates are NCHW maps (got output_fmt='{output_fmt}')")
+        taken, max_index = take_indices(len(self.blocks), indices)
+        x = self._embed(x)
+        intermediates = []
+        for index, block in enumerate(self.blocks[:max_index + 1] if stop_early else
+                                      self.blocks):
+            x = block(x)
+            if index in taken:
+                intermediates.append(x)
+        return intermediates if intermediates_only else (x, intermediates)
+
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1,
+                                  prune_norm: bool = False, prune_head: bool = True) -> List[int]:
+        """Drops the blocks after the last of ``indices`` (and with ``prune_head`` the head)."""
+        taken, max_index = take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[:max_index + 1]
+        self.feature_info = self.feature_info[:max_index + 1]
+        if prune_head:
+            self.pre_logits = nn.Identity()
+            self.head_hidden_size = self.num_features
+            self.reset_classifier(0, "")
+        return taken
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        if self.global_pool == "avg":
+        """As :meth:`AttentionViG.forward_head`: without pooling the map is kept."""
+        pooled = self.global_pool == "avg"
+        if pooled:
             x = x.mean(dim=(2, 3), keepdim=True)
-        x = self.head_drop(self.pre_logits(x).flatten(1))
-        return x if pre_logits else self.head(x)
+        x = self.head_drop(self.pre_logits(x))
+        if pooled:
+            return x.flatten(1) if pre_logits else self.head(x.flatten(1))
+        return x if pre_logits else self.head(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
@@ -307,7 +367,7 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create(variant: str, pretrained: bool, defaults: Dict, **kwargs) -> ViG:
-    return build_model_with_cfg(ViG, variant, pretrained, feature_cfg=dict(flatten_sequential=True),
+    return build_model_with_cfg(ViG, variant, pretrained, feature_cfg=dict(feature_cls="getter"),
                                 pretrained_filter_fn=checkpoint_filter_fn,
                                 **dict(defaults, **kwargs))
 
