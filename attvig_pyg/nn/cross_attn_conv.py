@@ -233,9 +233,7 @@ class CrossAttnConv(MessagePassing):
         edge_index = unshared_adjacency(edge_index)
 
         H, D = self.heads, self.out_channels // self.heads
-        query = l2_normalize(self.lin_query(x_dst).view(-1, H, D), self.eps)
-        key = l2_normalize(self.lin_key(x_src).view(-1, H, D), self.eps)
-        value = self.lin_value(x_src).view(-1, H, D)
+        query, key, value = self.project(x_src, x_dst)
 
         if isinstance(edge_index, CyclicAdjacency):
             aggregated, weights = cyclic_attention(query, key, value, edge_index, self.log_beta,
@@ -267,6 +265,16 @@ class CrossAttnConv(MessagePassing):
         if is_torch_sparse_tensor(edge_index):
             return out, (set_sparse_value(edge_index, alpha), alpha)
         return out, (edge_index, alpha)
+
+    def project(self, x_src: Tensor, x_dst: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        r"""Queries of the targets and keys of the sources, each head scaled to unit length, and
+        values of the sources, all :obj:`[num_nodes, heads, head_dim]`: the cosine similarity
+        :math:`s_{i,j}^h` (Eq. 4) is the dot product of query :math:`i` and key :math:`j` in
+        head :math:`h`."""
+        H, D = self.heads, self.out_channels // self.heads
+        query = l2_normalize(self.lin_query(x_dst).view(-1, H, D), self.eps)
+        key = l2_normalize(self.lin_key(x_src).view(-1, H, D), self.eps)
+        return query, key, self.lin_value(x_src).view(-1, H, D)
 
     def _fuses(self, edge_index: Adj, value: Tensor) -> bool:
         """Whether to use the fused kernels: where :meth:`propagate` calls
