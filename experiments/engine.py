@@ -252,6 +252,9 @@ def atomic_file(path: Path) -> Iterator[Path]:
         yield temporary
         with open(temporary, "rb+") as written:
             os.fsync(written.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        temporary.chmod(0o666 & ~umask)  # the permissions of a file made by open(), not mkstemp's
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)

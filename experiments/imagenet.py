@@ -11,6 +11,7 @@ All options: --help. What every run guarantees (exact resume, locks, checkpoints
 experiments/engine.py, and docs/training.md.
 """
 import argparse
+import os
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -33,7 +34,7 @@ PRESETS = {
     "cpu-demo": dict(model="attentionvig_s", img_size=32, epochs=4, batch_size=64,
                      lr=2e-3, warmup_epochs=1, weight_decay=0.05, smoothing=0.1, aa=None,
                      mixup=0.0, cutmix=0.0, reprob=0.0, drop_path=0.05, scale=(0.6, 1.0),
-                     crop_pct=1.0, model_ema=False, workers=2),
+                     crop_pct=1.0, model_ema=False, workers=2, figures=True),
 }
 
 
@@ -84,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--teacher-model", default=None, help="e.g. regnety_160")
     group.add_argument("--teacher-checkpoint", type=Path, default=None,
                        help="the teacher's weights, a local file (nothing is downloaded)")
+    parser.add_argument("--figures", action="store_true",
+                        help="at the end, write experiments/visualize.py's figures of the "
+                             "cross-attention into RUN/figures (on in --preset cpu-demo)")
     parser.set_defaults(model_ema=True)  # the recipe keeps an EMA
     engine.add_run_arguments(parser, PRESETS)
     return parser
@@ -286,7 +290,19 @@ def describe(metrics: Dict[str, float]) -> str:
 def main(argv=None) -> Dict:
     args = parse_args(argv)
     data = str(args.data_dir) if args.data_dir else "the Fashion-MNIST official test split"
-    return engine.main(PROGRAM, args, build_run, build_evaluation, describe, data)
+    result = engine.main(PROGRAM, args, build_run, build_evaluation, describe, data)
+    if args.figures and not args.eval_only and int(os.environ.get("RANK", 0)) == 0:
+        write_figures(Path(result["config"]["output"]) / "best.pth")
+    return result
+
+
+def write_figures(checkpoint: Path) -> None:
+    import visualize
+
+    try:
+        print(f"figures of the cross-attention: {visualize.write_figures(checkpoint)}")
+    except ValueError as error:  # a model without cross-attention (a baseline)
+        print(f"no figures: {error}")
 
 
 if __name__ == "__main__":

@@ -49,14 +49,14 @@ def program(args, env=None, **options):
 # ---- a run and what it writes ---------------------------------------------------------------
 
 def test_one_epoch_and_evaluation_on_the_embedded_data(tmp_path, capsys):
-    run(["--epochs", "1", "--batch-size", "128"], tmp_path)
+    run(["--epochs", "1", "--batch-size", "128", "--figures"], tmp_path)
     printed = capsys.readouterr().out
     assert re.search(r"top-1 \d+\.\d+%, top-5 \d+\.\d+% on 10000 images on the Fashion-MNIST "
                      r"official test split",
                      printed)
     output = tmp_path / "run"
     for name in ("last.pth", "best.pth", "metrics.csv", "curves.png", "results.json",
-                 "train.log"):
+                 "train.log", "figures/attention_0.png", "figures/betas.png", "figures/betas.md"):
         assert (output / name).is_file(), name
     assert not (output / "run.lock").exists()
     assert not list(output.glob(".*.tmp"))

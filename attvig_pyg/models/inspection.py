@@ -57,11 +57,11 @@ def _as_points(points, images: Tensor) -> Tensor:
     if points is None:
         return torch.tensor([[height // 2, width // 2]]).expand(batch_size, 2)
     points = torch.as_tensor(points, dtype=torch.float64)
-    if points.dim() == 1:
-        points = points.expand(batch_size, -1)
+    if points.dim() == 1 or (points.dim() == 2 and points.size(0) == 1):
+        points = points.reshape(1, -1).expand(batch_size, -1)  # one point for every image
     if points.shape != (batch_size, 2):
         raise ValueError(f"Expected one (row, column) point per image: shape [{batch_size}, 2] "
-                         f"or [2] (got {list(points.shape)})")
+                         f"or one for all, [2] (got {list(points.shape)})")
     outside = (points < 0).any(dim=1) | (points[:, 0] >= height) | (points[:, 1] >= width)
     if outside.any():
         raise ValueError(f"Point {points[outside][0].tolist()} lies outside the "
@@ -81,7 +81,8 @@ def attention_maps(model: nn.Module, images: Tensor,
             the ViG harness with ``aggregator="cross_attn"``), any graph policy.
         images: The batch, preprocessed as the model expects.
         points: (row, column) in input pixels, one per image (``[B, 2]``) or one for all
-            (``[2]``); each layer takes the map location under it. (default: the centre)
+            (``[2]`` or ``[1, 2]``); each layer takes the map location under it. (default: the
+            centre)
 
     The similarities come from the conv's own projections (:meth:`CrossAttnConv.project`), the
     neighbours and weights from its ``return_attention_weights``. The model is left as it was:
