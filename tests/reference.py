@@ -14,8 +14,14 @@ def _incoming(edge_index, node):
     return [int(j) for j, i in edge_index.t().tolist() if i == node]
 
 
-def cross_attention(conv, x_src, x_dst, edge_index):
-    """Eq. 2-7 of the AttentionViG paper, one target node at a time."""
+def _incoming_edges(edge_index, node):
+    """(edge position, source id) of the edges that end at ``node``, in edge order."""
+    return [(e, int(j)) for e, (j, i) in enumerate(edge_index.t().tolist()) if i == node]
+
+
+def cross_attention(conv, x_src, x_dst, edge_index, edge_attr=None):
+    """Eq. 2-7 of the AttentionViG paper, one target node at a time; with ``edge_attr``, the
+    edge's projected features added to its key and value (TransformerConv's rule)."""
     H = conv.heads
     D = conv.out_channels // H
     beta = math.exp(conv.log_beta.item())
@@ -29,12 +35,16 @@ def cross_attention(conv, x_src, x_dst, edge_index):
     outputs = []
     for i in range(x_dst.size(0)):
         q = project("query", x_dst[i])
-        neighbours = _incoming(edge_index, i)
+        neighbours = _incoming_edges(edge_index, i)
         weights = torch.zeros(len(neighbours), H, dtype=x_dst.dtype)
         values = torch.zeros(len(neighbours), H, D, dtype=x_dst.dtype)
-        for n, j in enumerate(neighbours):
+        for n, (e, j) in enumerate(neighbours):
             k = project("key", x_src[j])
-            values[n] = project("value", x_src[j]).view(H, D)
+            v = project("value", x_src[j])
+            if edge_attr is not None:
+                k = k + conv.lin_edge.weight @ edge_attr[e]
+                v = v + conv.lin_edge.weight @ edge_attr[e]
+            values[n] = v.view(H, D)
             for h in range(H):
                 qh, kh = q[h * D:(h + 1) * D], k[h * D:(h + 1) * D]
                 s = torch.dot(qh, kh) / (qh.norm() * kh.norm())      # Eq. 4

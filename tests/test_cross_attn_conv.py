@@ -483,3 +483,75 @@ def test_an_uncoalesced_coo_adjacency_is_left_as_it_was(convolution):
     assert torch.allclose(convolution(x, adjacency), convolution(x, coalesce(edge_index)),
                           atol=1e-6)
     assert out.shape == (3, 8)
+
+
+# ---- edge features (edge_dim), an extension beyond the paper ---------------------------------
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("normalize", ["none", "softmax", "mean"])
+@pytest.mark.parametrize("heads", [1, 4])
+def test_edge_features_match_the_reference(path, normalize, heads):
+    x, _, edge_index = random_graph(12, 12, 50)
+    edge_index[:, :3] = torch.tensor([[5, 5, 5], [0, 0, 0]])  # repeated edges, own features
+    edge_attr = torch.randn(50, 3, dtype=torch.float64)
+    conv = make_conv(8, 8, heads=heads, normalize=normalize, edge_dim=3)
+    adjacency, order = edge_index, torch.arange(50)
+    if path == "fused":  # an EdgeIndex sorted by target: the features follow the edges
+        adjacency, order = EdgeIndex(edge_index, sparse_size=(12, 12)).sort_by("col")
+    out, (edges, alpha) = conv(x, adjacency, edge_attr[order], return_attention_weights=True)
+    assert (out - cross_attention(conv, x, x, edge_index, edge_attr)).abs().max() < 1e-9
+    assert torch.equal(torch.as_tensor(edges), edge_index[:, order])
+    # Bipartite too.
+    x_src, x_dst, bipartite = random_graph(9, 5, 30, channels=(7, 4))
+    conv = make_conv((7, 4), 8, heads=heads, normalize=normalize, edge_dim=2)
+    features = torch.randn(30, 2, dtype=torch.float64)
+    assert (conv((x_src, x_dst), bipartite, features) -
+            cross_attention(conv, x_src, x_dst, bipartite, features)).abs().max() < 1e-9
+
+
+@pytest.mark.parametrize("form", ["torch_csr", pytest.param("torch_sparse",
+                                                            marks=requires_torch_sparse)])
+def test_edge_features_on_sparse_adjacencies(form):
+    """A sparse adjacency takes the features in the order of its stored entries."""
+    from torch_geometric.utils import to_edge_index
+
+    x, _, edge_index = random_graph(15, 15, 70)
+    edge_index = coalesce(edge_index)
+    features = {tuple(e): f for e, f in zip(edge_index.t().tolist(),
+                                            torch.randn(edge_index.size(1), 3,
+                                                        dtype=torch.float64))}
+    conv = make_conv(8, 8, heads=2, normalize="softmax", edge_dim=3)
+    if form == "torch_csr":
+        adjacency = to_torch_csr_tensor(edge_index.flip(0), size=(15, 15))
+    else:
+        adjacency = SparseTensor.from_edge_index(edge_index.flip(0), sparse_sizes=(15, 15))
+    stored, _ = to_edge_index(adjacency)  # rows: targets, columns: sources
+    edge_attr = torch.stack([features[(j, i)] for i, j in stored.t().tolist()])
+    expected = cross_attention(conv, x, x, edge_index, torch.stack(list(features.values())))
+    for fuse in (True, False):
+        conv.fuse = fuse
+        assert (conv(x, adjacency, edge_attr) - expected).abs().max() < 1e-9
+
+
+def test_without_edge_features_the_conv_is_the_papers():
+    conv = CrossAttnConv(8, 8, heads=2)
+    assert conv.lin_edge is None and conv.edge_dim is None
+    assert sorted(conv.state_dict()) == sorted(
+        f"lin_{name}.{p}" for name in ("query", "key", "value", "out")
+        for p in ("weight", "bias")) + ["log_beta"]
+
+
+def test_bad_edge_features():
+    x, _, edge_index = random_graph(6, 6, 10, dtype=torch.float32)
+    with_edges, without = CrossAttnConv(8, 8, edge_dim=3), CrossAttnConv(8, 8)
+    with pytest.raises(ValueError, match=r"shape \[10, 3\]"):
+        with_edges(x, edge_index, torch.randn(9, 3))
+    with pytest.raises(ValueError, match="floating point"):
+        with_edges(x, edge_index, torch.ones(10, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="pass edge_attr"):
+        with_edges(x, edge_index)
+    with pytest.raises(ValueError, match="without edge features"):
+        without(x, edge_index, torch.randn(10, 3))
+    adjacency = build_graph("svga", torch.randn(36, 8), k=2, cyclic=True, grid_size=(6, 6))
+    with pytest.raises(ValueError, match="CyclicAdjacency carries no edge features"):
+        with_edges(torch.randn(36, 8), adjacency, torch.randn(adjacency.num_edges(), 3))

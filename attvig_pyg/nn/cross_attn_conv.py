@@ -9,7 +9,7 @@ from torch.nn import Parameter
 from torch_geometric import EdgeIndex
 from torch_geometric.nn.conv import MessagePassing
 from torch_geometric.nn.dense.linear import Linear
-from torch_geometric.typing import Adj, NoneType, PairTensor, SparseTensor
+from torch_geometric.typing import Adj, NoneType, OptTensor, PairTensor, SparseTensor
 from torch_geometric.utils import is_sparse, is_torch_sparse_tensor, scatter, to_edge_index
 from torch_geometric.utils.sparse import set_sparse_value
 
@@ -88,6 +88,14 @@ class CrossAttnConv(MessagePassing):
         eps (float, optional): Lower bound on the norm of a query or key head, so that zero vectors
             give a similarity of zero instead of NaN (as in :func:`torch.nn.functional.normalize`).
             (default: :obj:`1e-12`)
+        edge_dim (int, optional): Edge feature dimensionality, an extension beyond the paper:
+            edge features :math:`\mathbf{e}_{j,i}` are projected by :math:`\mathbf{E}` and added
+            to the edge's key and value, :math:`\mathbf{K}\mathbf{y}_j + \mathbf{E}\mathbf{e}_{j,i}`
+            and :math:`\mathbf{V}\mathbf{y}_j + \mathbf{E}\mathbf{e}_{j,i}`, as
+            :class:`~torch_geometric.nn.conv.TransformerConv` does. Edge lists and sparse
+            adjacencies take them (per-edge kernels); a
+            :class:`~attvig_pyg.adjacency.CyclicAdjacency` does not. :obj:`None` is the paper's
+            conv. (default: :obj:`None`)
         **kwargs (optional): Additional arguments of
             :class:`torch_geometric.nn.conv.MessagePassing`.
 
@@ -95,7 +103,8 @@ class CrossAttnConv(MessagePassing):
         - **input:**
           node features :math:`(|\mathcal{V}|, F_{in})` or
           :math:`((|\mathcal{V_s}|, F_{s}), (|\mathcal{V_t}|, F_{t}))` if bipartite,
-          edge indices :math:`(2, |\mathcal{E}|)` (or a sparse adjacency)
+          edge indices :math:`(2, |\mathcal{E}|)` (or a sparse adjacency),
+          edge features :math:`(|\mathcal{E}|, D)` *(optional)*
         - **output:** node features :math:`(|\mathcal{V}|, F_{out})` or
           :math:`(|\mathcal{V}_t|, F_{out})` if bipartite. With
           :obj:`return_attention_weights` also :math:`((2, |\mathcal{E}|), (|\mathcal{E}|, H))`,
@@ -116,6 +125,7 @@ class CrossAttnConv(MessagePassing):
         dropout: float = 0.0,
         bias: bool = True,
         eps: float = 1e-12,
+        edge_dim: Optional[int] = None,
         **kwargs,
     ):
         kwargs.setdefault("aggr", "add")
@@ -146,6 +156,7 @@ class CrossAttnConv(MessagePassing):
         self.beta_init = beta_init
         self.dropout = dropout
         self.eps = eps
+        self.edge_dim = edge_dim
 
         if isinstance(in_channels, int):
             in_channels = (in_channels, in_channels)
@@ -155,6 +166,8 @@ class CrossAttnConv(MessagePassing):
         out_in = in_channels[1] + out_channels if in_channels[1] > 0 else -1
         self.lin_out = Linear(out_in, out_channels, bias=bias)
         self.log_beta = Parameter(torch.empty(()), requires_grad=train_beta)
+        self.lin_edge = (Linear(edge_dim, out_channels, bias=False) if edge_dim is not None
+                         else None)
 
         self.reset_parameters()
 
@@ -164,6 +177,8 @@ class CrossAttnConv(MessagePassing):
         self.lin_key.reset_parameters()
         self.lin_value.reset_parameters()
         self.lin_out.reset_parameters()
+        if self.lin_edge is not None:
+            self.lin_edge.reset_parameters()
         with torch.no_grad():
             self.log_beta.fill_(math.log(self.beta_init))
 
@@ -182,6 +197,7 @@ class CrossAttnConv(MessagePassing):
         self,
         x: Union[Tensor, PairTensor],
         edge_index: Union[Adj, CyclicAdjacency],
+        edge_attr: OptTensor = None,
         return_attention_weights: NoneType = None,
     ) -> Tensor:
         pass
@@ -191,6 +207,7 @@ class CrossAttnConv(MessagePassing):
         self,
         x: Union[Tensor, PairTensor],
         edge_index: Union[Tensor, CyclicAdjacency],
+        edge_attr: OptTensor = None,
         return_attention_weights: bool = None,
     ) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
         pass
@@ -200,6 +217,7 @@ class CrossAttnConv(MessagePassing):
         self,
         x: Union[Tensor, PairTensor],
         edge_index: SparseTensor,
+        edge_attr: OptTensor = None,
         return_attention_weights: bool = None,
     ) -> Tuple[Tensor, SparseTensor]:
         pass
@@ -208,6 +226,7 @@ class CrossAttnConv(MessagePassing):
         self,
         x: Union[Tensor, PairTensor],
         edge_index: Union[Adj, CyclicAdjacency],
+        edge_attr: OptTensor = None,
         return_attention_weights: Optional[bool] = None,
     ):
         r"""Runs the forward pass of the module.
@@ -218,6 +237,11 @@ class CrossAttnConv(MessagePassing):
                 CyclicAdjacency): The edges (:obj:`edge_index[0]` sends to
                 :obj:`edge_index[1]`), the transposed sparse adjacency, or a cyclic adjacency
                 (homogeneous graphs only).
+            edge_attr (torch.Tensor, optional): Edge features :obj:`[num_edges, edge_dim]` (with
+                :obj:`edge_dim`), in the order of the edges: the columns of an
+                :obj:`edge_index`; for a sparse adjacency, the order of its stored entries
+                (row-major over targets, as :func:`torch_geometric.utils.to_edge_index` lists
+                them).
             return_attention_weights (bool, optional): If set to any value, also return
                 :obj:`(edge_index, alpha)` with :obj:`alpha` of shape :obj:`[num_edges, heads]`
                 (for sparse input: the adjacency carrying :obj:`alpha` as its values; for a
@@ -231,26 +255,29 @@ class CrossAttnConv(MessagePassing):
         check_node_features(x_dst, in_dst, "target")
         check_adjacency(edge_index, x_src, x_dst)
         edge_index = unshared_adjacency(edge_index)
+        edge_emb = self._edge_embedding(edge_index, edge_attr)
 
         H, D = self.heads, self.out_channels // self.heads
-        query, key, value = self.project(x_src, x_dst)
+        # With edge features, keys are per edge: normalised after the edge's term is added.
+        query, key, value = self.project(x_src, x_dst, normalize_key=edge_emb is None)
 
         if isinstance(edge_index, CyclicAdjacency):
             aggregated, weights = cyclic_attention(query, key, value, edge_index, self.log_beta,
                                                    self.normalize, self.dropout, self.training)
         else:
             size = (x_src.size(0), x_dst.size(0))
-            edges = EdgeList(*_source_target(edge_index), *size) if self._fuses(
-                edge_index, value) else None
+            edges = EdgeList(*_source_target(edge_index), *size) if edge_emb is None and \
+                self._fuses(edge_index, value) else None
             if edges is not None:
                 alpha = attention_weights([gather_dot(query, key, edges).unsqueeze(-1)],
                                           [edges.target], [None], self.log_beta, self.normalize,
                                           size[1])[0].squeeze(-1)
             else:
-                alpha = self.edge_updater(edge_index, query=query, key=key, size=size)
+                alpha = self.edge_updater(edge_index, query=query, key=key, edge_emb=edge_emb,
+                                          size=size)
             dropped = F.dropout(alpha, p=self.dropout, training=self.training)
             aggregated = self.propagate(edge_index, value=value, alpha=dropped, edges=edges,
-                                        num_targets=size[1], size=size)
+                                        edge_emb=edge_emb, num_targets=size[1], size=size)
 
         out = F.gelu(self.lin_out(torch.cat([x_dst, aggregated.view(-1, H * D)], dim=-1)))
 
@@ -266,15 +293,45 @@ class CrossAttnConv(MessagePassing):
             return out, (set_sparse_value(edge_index, alpha), alpha)
         return out, (edge_index, alpha)
 
-    def project(self, x_src: Tensor, x_dst: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    def project(self, x_src: Tensor, x_dst: Tensor,
+                normalize_key: bool = True) -> Tuple[Tensor, Tensor, Tensor]:
         r"""Queries of the targets and keys of the sources, each head scaled to unit length, and
         values of the sources, all :obj:`[num_nodes, heads, head_dim]`: the cosine similarity
         :math:`s_{i,j}^h` (Eq. 4) is the dot product of query :math:`i` and key :math:`j` in
-        head :math:`h`."""
+        head :math:`h` (without edge features). ``normalize_key=False`` leaves the keys as
+        projected."""
         H, D = self.heads, self.out_channels // self.heads
         query = l2_normalize(self.lin_query(x_dst).view(-1, H, D), self.eps)
-        key = l2_normalize(self.lin_key(x_src).view(-1, H, D), self.eps)
+        key = self.lin_key(x_src).view(-1, H, D)
+        if normalize_key:
+            key = l2_normalize(key, self.eps)
         return query, key, self.lin_value(x_src).view(-1, H, D)
+
+    def _edge_embedding(self, edge_index, edge_attr: OptTensor) -> OptTensor:
+        """``E e`` per edge ``[num_edges, heads, head_dim]``, or None without edge features;
+        clear errors where features and conv or adjacency do not fit."""
+        if edge_attr is None:
+            if self.lin_edge is not None:
+                raise ValueError(f"This conv was built with edge_dim={self.edge_dim}: pass "
+                                 "edge_attr")
+            return None
+        if self.lin_edge is None:
+            raise ValueError("edge_attr given, but the conv was built without edge features "
+                             "(pass edge_dim to the constructor)")
+        if isinstance(edge_index, CyclicAdjacency):
+            raise ValueError("A CyclicAdjacency carries no edge features: pass its "
+                             "to_edge_index() with edge_attr in that order")
+        num_edges = (edge_index.nnz() if isinstance(edge_index, SparseTensor) else
+                     edge_index._nnz() if is_torch_sparse_tensor(edge_index) else
+                     edge_index.size(1))
+        if not isinstance(edge_attr, Tensor) or not edge_attr.is_floating_point() or \
+                tuple(edge_attr.shape) not in ((num_edges, self.edge_dim),) and not (
+                    self.edge_dim == 1 and tuple(edge_attr.shape) == (num_edges,)):
+            raise ValueError(f"Expected edge_attr of shape [{num_edges}, {self.edge_dim}] "
+                             f"([num_edges, edge_dim], floating point; got "
+                             f"{_describe(edge_attr)})")
+        H, D = self.heads, self.out_channels // self.heads
+        return self.lin_edge(edge_attr.view(num_edges, -1)).view(-1, H, D)
 
     def _fuses(self, edge_index: Adj, value: Tensor) -> bool:
         """Whether to use the fused kernels: where :meth:`propagate` calls
@@ -287,23 +344,31 @@ class CrossAttnConv(MessagePassing):
         return is_sparse(edge_index) or (isinstance(edge_index, EdgeIndex) and
                                          edge_index.is_sorted_by_col)
 
-    def edge_update(self, query_i: Tensor, key_j: Tensor, index: Tensor,
+    def edge_update(self, query_i: Tensor, key_j: Tensor, edge_emb: OptTensor, index: Tensor,
                     dim_size: Optional[int]) -> Tensor:
+        if edge_emb is not None:  # keys as projected: the edge's own key, normalised here
+            key_j = l2_normalize(key_j + edge_emb, self.eps)
         similarity = torch.einsum("ehd,ehd->eh", query_i, key_j)
         return attention_weights([similarity.unsqueeze(-1)], [index], [None], self.log_beta,
                                  self.normalize, dim_size)[0].squeeze(-1)
 
-    def message(self, value_j: Tensor, alpha: Tensor) -> Tensor:
+    def message(self, value_j: Tensor, alpha: Tensor, edge_emb: OptTensor) -> Tensor:
+        if edge_emb is not None:
+            value_j = value_j + edge_emb
         return value_j * alpha.unsqueeze(-1)
 
     def message_and_aggregate(self, edge_index: Adj, value: Tensor, alpha: Tensor,
-                              edges: Optional[EdgeList], num_targets: int) -> Tensor:
+                              edges: Optional[EdgeList], edge_emb: OptTensor,
+                              num_targets: int) -> Tensor:
         if edges is not None:
             return weighted_sum(alpha, value, edges)
-        # Compiling, or a dtype the sparse kernels do not take: gather and scatter.
+        # Edge features, compiling, or a dtype the sparse kernels do not take: gather, scatter.
         source, target = _source_target(edge_index)
-        return scatter(value.index_select(0, source) * alpha.unsqueeze(-1), target, 0,
-                       dim_size=num_targets, reduce="sum")
+        messages = value.index_select(0, source)
+        if edge_emb is not None:
+            messages = messages + edge_emb
+        return scatter(messages * alpha.unsqueeze(-1), target, 0, dim_size=num_targets,
+                       reduce="sum")
 
     def __repr__(self) -> str:
         return (f"{self.__class__.__name__}({self.in_channels}, {self.out_channels}, "
@@ -316,3 +381,9 @@ def _source_target(edge_index: Adj) -> Tuple[Tensor, Tensor]:
         return edge_index[0].long(), edge_index[1].long()
     indices, _ = to_edge_index(edge_index)  # rows of the transposed adjacency are targets
     return indices[1], indices[0]
+
+
+def _describe(value) -> str:
+    if isinstance(value, Tensor):
+        return f"a {value.dtype} tensor of shape {list(value.shape)}"
+    return type(value).__name__

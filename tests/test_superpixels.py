@@ -1,0 +1,84 @@
+"""Superpixel graphs of Fashion-MNIST (Dwivedi et al.'s construction) and their cached dataset."""
+import numpy as np
+import pytest
+import torch
+
+from attvig_pyg.data import load_fashion_mnist
+from attvig_pyg.data.superpixels import FashionMNISTSuperpixels, superpixel_graph
+
+
+@pytest.fixture(scope="module")
+def images():
+    pixels, labels = load_fashion_mnist("test")
+    return pixels[:12].numpy()
+
+
+def test_superpixel_graphs_of_real_images(images):
+    for image in images:
+        graph = superpixel_graph(image)
+        nodes = graph.num_nodes
+        assert 8 < nodes <= 75
+        assert graph.x.shape == (nodes, 3) and torch.equal(graph.x[:, 1:], graph.pos)
+        assert (graph.x >= 0).all() and (graph.x[:, 0] <= 1).all() and (graph.x[:, 1:] < 1).all()
+        # Exactly 8 outgoing edges per node, never to itself, never twice.
+        source, target = graph.edge_index
+        assert torch.equal(torch.bincount(source, minlength=nodes), torch.full((nodes,), 8))
+        assert (source != target).all()
+        assert len({tuple(e) for e in graph.edge_index.t().tolist()}) == 8 * nodes
+        weights = graph.edge_attr.squeeze(1)
+        assert graph.edge_attr.shape == (8 * nodes, 1)
+        assert (weights > 0).all() and (weights <= 1).all()
+        # The weights from the definition: exp(-(d_xy / s_i)^2 - (d_f / s_i)^2), s_i node i's
+        # mean distance to its 8 nearest (symmetric distances, the sender's scale).
+        xy, f = graph.pos.double(), graph.x[:, :1].double()
+        d_xy, d_f = torch.cdist(xy, xy), torch.cdist(f, f)
+        s_xy = d_xy.sort(dim=1).values[:, 1:9].mean(dim=1) + 1e-8
+        s_f = d_f.sort(dim=1).values[:, 1:9].mean(dim=1) + 1e-8
+        expected = torch.exp(-(d_xy[source, target] / s_xy[source]) ** 2 -
+                             (d_f[source, target] / s_f[source]) ** 2)
+        # (In log space: the features are stored in float32, which the exponent amplifies.)
+        assert torch.allclose(weights.double().log(), expected.log(), rtol=1e-4, atol=1e-4)
+        # Each node's 8 are its most affine: no other node has a larger affinity.
+        affinity = torch.exp(-(d_xy / s_xy[:, None]) ** 2 - (d_f / s_f[:, None]) ** 2)
+        affinity.fill_diagonal_(-1)
+        eighth = affinity.sort(dim=1, descending=True).values[:, 7]
+        assert (expected >= eighth[source] * (1 - 1e-3)).all()  # (float32 features here)
+
+
+def test_few_superpixels_join_every_other_node():
+    image = np.zeros((28, 28), dtype=np.uint8)
+    image[:, 14:] = 255
+    graph = superpixel_graph(image, max_nodes=4, first_segments=4)
+    nodes = graph.num_nodes
+    assert nodes <= 4
+    assert graph.edge_index.size(1) == nodes * (nodes - 1)
+
+
+def test_the_dataset_builds_once_and_anew_for_other_settings(tmp_path, monkeypatch):
+    import attvig_pyg.data.superpixels as module
+
+    monkeypatch.setitem(module.VALIDATION, False, 10)
+    subset = torch.arange(30)
+    original = module.load_fashion_mnist
+    monkeypatch.setattr(module, "load_fashion_mnist",
+                        lambda split, full=False: tuple(t[subset] for t in original(split, full)))
+    train = FashionMNISTSuperpixels(tmp_path, "train", workers=1)
+    val = FashionMNISTSuperpixels(tmp_path, "val", workers=2)  # in two processes
+    assert len(train) == 20 and len(val) == 10
+    assert train[0].y.shape == (1,) and train.num_classes == 10
+    files = sorted(p.name for p in (tmp_path / "processed").glob("*.pt"))
+    calls = []
+    monkeypatch.setattr(module, "superpixel_graph", lambda *a, **k: calls.append(1))
+    assert len(FashionMNISTSuperpixels(tmp_path, "train", workers=1)) == 20  # from the cache
+    assert not calls
+    monkeypatch.undo()
+    monkeypatch.setattr(module, "load_fashion_mnist",
+                        lambda split, full=False: tuple(t[subset] for t in original(split, full)))
+    monkeypatch.setitem(module.VALIDATION, False, 10)
+    other = FashionMNISTSuperpixels(tmp_path, "train", workers=1, settings=dict(neighbours=4))
+    assert sorted(p.name for p in (tmp_path / "processed").glob("*.pt")) != files
+    assert other[0].edge_index.size(1) == 4 * other[0].num_nodes
+    with pytest.raises(ValueError, match="Unknown split 'dev'"):
+        FashionMNISTSuperpixels(tmp_path, "dev")
+    with pytest.raises(ValueError, match="Unknown superpixel settings"):
+        FashionMNISTSuperpixels(tmp_path, "train", settings=dict(segments=3))
