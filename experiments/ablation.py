@@ -158,12 +158,8 @@ def run_argv(args, engine_argv: List[str], row: str, seed: int) -> List[str]:
         profile_argv = profile["engine"] + profile["models"][model][0]
         profile_kwargs = profile["models"][model][1]
     kwargs = {**profile_kwargs, **args.model_kwargs, **table["rows"][row]}
-    folder = run_folder(args, row, seed)
-    argv = [*profile_argv, "--model", model, "--model-kwargs", json.dumps(kwargs),
+    return [*profile_argv, "--model", model, "--model-kwargs", json.dumps(kwargs),
             "--seed", str(seed), *engine_argv]
-    if (folder / "last.pth").exists():
-        return argv + ["--resume", str(folder / "last.pth")]
-    return argv + ["--output", str(folder)]
 
 
 def run_folder(args, row: str, seed: int) -> Path:
@@ -175,30 +171,15 @@ def train_runs(args, engine_argv: List[str]) -> None:
     plan = [(row, seed) for row in rows for seed in args.seeds]
     for index, (row, seed) in enumerate(plan, 1):
         folder = run_folder(args, row, seed)
-        run_args = imagenet.parse_args(run_argv(args, engine_argv, row, seed))
-        if (folder / "results.json").exists():
-            check_finished_run(folder, run_args)
+        run_args = engine.series_run(folder, run_argv(args, engine_argv, row, seed),
+                                     imagenet.parse_args)
+        if run_args is None:
             log.info("run %d/%d: %s seed %d already finished (%s)", index, len(plan), row, seed,
                      folder)
             continue
         log.info("run %d/%d: %s seed %d%s", index, len(plan), row, seed,
                  " (resumed)" if run_args.resume else "")
         imagenet.train(run_args)
-
-
-def check_finished_run(folder: Path, run_args) -> None:
-    """Refuses to count a finished run that was trained with other settings than this command's
-    (an interrupted one is checked by the engine's --resume)."""
-    saved = json.loads((folder / "results.json").read_text()).get("config")
-    if saved is None:
-        raise SystemExit(f"{folder}/results.json states no settings (an older version of this "
-                         "program wrote it); delete the folder to train the run again")
-    keys = [key for key in saved if key not in engine.RUN_LOCAL]
-    differences = engine.config_differences(saved, run_args, keys)
-    if differences:
-        raise SystemExit(f"{folder} holds a finished run with other settings than this command:"
-                         "\n  " + "\n  ".join(differences) + "\nUse another --output, or delete "
-                         "the folder to train the run again")
 
 
 def collect(args, engine_argv: List[str]) -> List[Dict]:

@@ -239,6 +239,30 @@ def settings_from_checkpoint(args, saved: Dict, must_agree: Iterable[str],
     return settings
 
 
+def series_run(folder: Path, argv: List[str],
+               parse: Callable[[List[str]], argparse.Namespace]) -> Optional[argparse.Namespace]:
+    """One run of a series (a table of runs, each in its own folder): the settings that start
+    ``argv``'s run in ``folder`` or continue it there, or None if it has finished. A finished
+    run trained with other settings than ``argv``'s is refused (an interrupted one is checked
+    by --resume)."""
+    if (folder / "results.json").exists():
+        saved = json.loads((folder / "results.json").read_text()).get("config")
+        if saved is None:
+            raise SystemExit(f"{folder}/results.json states no settings (an older version of "
+                             "this program wrote it); delete the folder to train the run again")
+        current = parse([*argv, "--output", str(folder)])
+        differences = config_differences(saved, current,
+                                         [key for key in saved if key not in RUN_LOCAL])
+        if differences:
+            raise SystemExit(f"{folder} holds a finished run with other settings than this "
+                             "command:\n  " + "\n  ".join(differences) + "\nUse another "
+                             "--output, or delete the folder to train the run again")
+        return None
+    if (folder / "last.pth").exists():
+        return parse([*argv, "--resume", str(folder / "last.pth")])
+    return parse([*argv, "--output", str(folder)])
+
+
 # ---- files ----------------------------------------------------------------------------------
 
 @contextmanager
@@ -812,7 +836,6 @@ class TrainingRun:
     def finish_epoch(self, loader: DataLoader) -> Tuple[Dict, bool]:
         """Ends the epoch in progress: schedule, evaluation, its row, the best result. Returns
         the row and whether it is the new best."""
-        self.scheduler.step(self.epoch + 1)
         loss, items, skipped, seconds = self.world.sum(*self.totals.values())
         if skipped:
             log.warning("epoch %d skipped %d unreadable training items", self.epoch + 1, skipped)
@@ -824,6 +847,8 @@ class TrainingRun:
             ema = self.task.evaluate(self.ema.module, loader, self.world, self.args)
             evaluation.update({f"ema_{key}": value for key, value in ema.items()})
         evaluation["seconds"] = time.perf_counter() - started
+        # The score is the metric of a plateau schedule; every other schedule ignores it.
+        self.scheduler.step(self.epoch + 1, evaluation[self.task.score])
         seconds /= self.world.world_size
         row = dict(epoch=self.epoch + 1, lr=self.optimizer.param_groups[0]["lr"],
                    train=dict(loss=loss / max(items, 1), skipped_items=skipped,

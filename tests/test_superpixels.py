@@ -82,3 +82,74 @@ def test_the_dataset_builds_once_and_anew_for_other_settings(tmp_path, monkeypat
         FashionMNISTSuperpixels(tmp_path, "dev")
     with pytest.raises(ValueError, match="Unknown superpixel settings"):
         FashionMNISTSuperpixels(tmp_path, "train", settings=dict(segments=3))
+
+
+# ---- experiments/superpixels.py -------------------------------------------------------------
+
+@pytest.fixture
+def few_graphs(tmp_path, monkeypatch):
+    """30 training images (20 / 10 graphs) and 20 test images, cached under tmp_path."""
+    import attvig_pyg.data.superpixels as module
+
+    original = module.load_fashion_mnist
+    monkeypatch.setitem(module.VALIDATION, False, 10)
+    monkeypatch.setattr(module, "load_fashion_mnist", lambda split, full=False: tuple(
+        t[:30 if split == "train" else 20] for t in original(split, full)))
+    return ["--data-root", str(tmp_path / "graphs"), "--batch-size", "8", "--epochs", "2"]
+
+
+def test_the_table_trains_tests_reports_and_skips_finished_runs(few_graphs, tmp_path, capsys):
+    import superpixels
+
+    output = tmp_path / "table"
+    argv = ["--convs", "cross_attn_edges", "gcn", "--seeds", "0", "--output", str(output),
+            *few_graphs]
+    results = superpixels.main(argv)
+    assert [(r["conv"], r["seed"]) for r in results] == [("cross_attn_edges", 0), ("gcn", 0)]
+    for r in results:
+        assert 0 <= r["test_accuracy"] <= 100 and r["test_graphs"] == 20
+        assert r["peak_mib"] > 0
+    text = (output / "superpixels.md").read_text()
+    assert "| cross_attn_edges |" in text and "| gcn |" in text and "vs gatv2" in text
+    assert (output / "superpixels.csv").is_file() and (output / "superpixels.png").is_file()
+    assert (output / "gcn" / "seed0" / "test.json").is_file()
+    capsys.readouterr()
+    superpixels.main(argv)  # every run finished: nothing trains again
+    assert "epoch 1/2" not in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="other settings"):
+        superpixels.main([*argv, "--lr", "0.01"])
+    with pytest.raises(SystemExit, match="--seed is set per run"):
+        superpixels.main([*argv, "--seed", "3"])
+
+
+def test_one_run_and_its_evaluation(few_graphs, tmp_path, capsys):
+    import superpixels
+
+    superpixels.main(["--run", "--conv", "gatv2", "--output", str(tmp_path / "one"), *few_graphs])
+    assert (tmp_path / "one" / "results.json").is_file()  # --output is the run's, not the table's
+    metrics = superpixels.main(["--run", "--eval-only", "--checkpoint",
+                                str(tmp_path / "one" / "best.pth"), *few_graphs[:2]])
+    assert metrics["graphs"] == 20
+    assert "on the test graphs" in capsys.readouterr().out
+
+
+def test_the_plateau_schedule_resumes_with_its_counters():
+    import superpixels
+
+    weights = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.Adam([weights], lr=1e-3)
+    schedule = superpixels.PlateauSchedule(optimizer, patience=2, min_lr=1e-5)
+    for accuracy in (50, 60, 60, 60):  # one better, then two epochs without improvement
+        schedule.step(0, accuracy)
+    restored = superpixels.PlateauSchedule(optimizer, patience=2, min_lr=1e-5)
+    restored.load_state_dict(schedule.state_dict())
+    restored.step(0, 60)  # the third epoch without improvement: the rate halves
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(5e-4)
+
+
+def test_every_conv_has_about_100k_parameters():
+    import superpixels
+
+    for conv in superpixels.CONVS:
+        model = superpixels.SuperpixelGNN(conv, superpixels.width_for(conv))
+        assert 90_000 <= sum(p.numel() for p in model.parameters()) <= 110_000, conv

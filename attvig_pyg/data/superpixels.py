@@ -87,11 +87,11 @@ def superpixel_graph(image: np.ndarray, max_nodes: int = 75, first_segments: int
                 edge_attr=torch.tensor(affinity[sources, targets], dtype=torch.float32)[:, None])
 
 
-def _graph(arguments) -> Data:
-    image, label, settings = arguments
-    graph = superpixel_graph(image, **settings)
-    graph.y = torch.tensor([label])
-    return graph
+def _graph_arrays(arguments) -> Dict[str, np.ndarray]:
+    """A worker's graph as NumPy arrays: tensors sent between processes would each go through
+    torch's shared-memory handover, which is far slower than pickling for graphs this small."""
+    image, settings = arguments
+    return {key: value.numpy() for key, value in superpixel_graph(image, **settings)}
 
 
 class FashionMNISTSuperpixels(InMemoryDataset):
@@ -161,15 +161,16 @@ class FashionMNISTSuperpixels(InMemoryDataset):
         from tqdm import tqdm
 
         images, labels = self._images()
-        work = [(image, int(label), self.settings) for image, label in
-                zip(images.numpy(), labels.tolist())]
+        work = [(image, self.settings) for image in images.numpy()]
         description = f"superpixel graphs, {self.split} ({len(work)} images)"
         if self.workers > 1:
             with get_context("spawn").Pool(self.workers) as pool:
-                graphs = list(tqdm(pool.imap(_graph, work, chunksize=64), total=len(work),
-                                   desc=description))
+                arrays = list(tqdm(pool.imap(_graph_arrays, work, chunksize=64),
+                                   total=len(work), desc=description))
         else:
-            graphs = [_graph(item) for item in tqdm(work, desc=description)]
+            arrays = [_graph_arrays(item) for item in tqdm(work, desc=description)]
+        graphs = [Data(**{key: torch.from_numpy(value) for key, value in graph.items()},
+                       y=torch.tensor([label])) for graph, label in zip(arrays, labels.tolist())]
         if self.pre_filter is not None:
             graphs = [graph for graph in graphs if self.pre_filter(graph)]
         self.save(graphs, self.processed_paths[0])
