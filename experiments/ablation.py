@@ -19,6 +19,7 @@ import argparse
 import csv
 import json
 import logging
+import math
 import statistics
 import time
 from pathlib import Path
@@ -55,7 +56,37 @@ TABLES = {
         "head_dim_8": dict(head_dim=8, heads=None),
         "8_heads": dict(heads=8),
     }, paper_top1={"no_heads": 81.0, "head_dim_6": 81.1, "head_dim_8": 81.1, "8_heads": 81.3}),
+    # The paper's mechanism, tested directly: a fraction p of every node's kNN neighbours
+    # replaced by random nodes of its image (ViG harness, graph_corruption), in training and
+    # evaluation. No paper figures.
+    "robustness": dict(model="vig_ti", rows={
+        f"{aggregator}_p{p:g}": dict(aggregator=aggregator, graph_corruption=p)
+        for aggregator in ("max_relative", "gin", "cross_attn") for p in (0.0, 0.5, 1.0)},
+        paper_top1={}),
 }
+# The row every other row is compared with, seed by seed (robustness: cross_attn at the same p).
+REFERENCE = {"aggregation": "cross_attn", "nonlinearity": "exp", "heads": "8_heads"}
+
+
+def reference_row(table: str, row: str) -> str:
+    if table == "robustness":
+        return "cross_attn_p" + row.rsplit("_p", 1)[1]
+    return REFERENCE[table]
+
+
+def paired_difference(values: Dict[int, float], reference: Dict[int, float]) -> Dict:
+    """``values[s] - reference[s]`` over the seeds both have: mean, standard deviation and the
+    95 % t-interval of the mean; ``distinguishable`` when the interval excludes 0."""
+    from scipy.stats import t
+
+    seeds = sorted(set(values) & set(reference))
+    differences = [values[seed] - reference[seed] for seed in seeds]
+    count = len(differences)
+    mean = statistics.mean(differences) if differences else math.nan
+    std = statistics.stdev(differences) if count > 1 else math.nan
+    half = t.ppf(0.975, count - 1) * std / math.sqrt(count) if count > 1 else math.nan
+    return dict(seeds=count, mean=mean, std=std, low=mean - half, high=mean + half,
+                distinguishable=bool(count > 1 and (mean - half > 0 or mean + half < 0)))
 
 # Paper Table 3 FLOPs (G), and the original ViG code's counts with its grouped 1x1 convs
 # (DESIGN.md section 5); cross-attention has only the paper's figure.
@@ -186,47 +217,99 @@ def collect(args, engine_argv: List[str]) -> List[Dict]:
     """One entry per row that has finished runs: top-1 per seed, its size and training time."""
     table, entries = TABLES[args.table], []
     for row in table["rows"]:
-        results = [json.loads(path.read_text()) for path in
-                   sorted((args.output / args.table / row).glob("seed*/results.json"))]
+        folders = sorted((args.output / args.table / row).glob("seed*/results.json"))
+        results = {int(path.parent.name[4:]): json.loads(path.read_text()) for path in folders}
         if not results:
             continue
         run_args = imagenet.parse_args(run_argv(args, engine_argv, row, args.seeds[0]))
         model = imagenet.build_model(run_args, len(imagenet.class_names(run_args)))
-        top1 = [r["final"]["eval"]["top1"] for r in results]
+        top1 = {seed: r["final"]["eval"]["top1"] for seed, r in results.items()}
         entries.append(dict(
-            row=row, runs=len(top1), top1=top1, mean=statistics.mean(top1),
-            std=statistics.stdev(top1) if len(top1) > 1 else float("nan"),
+            row=row, runs=len(top1), top1=top1, mean=statistics.mean(top1.values()),
+            std=statistics.stdev(top1.values()) if len(top1) > 1 else math.nan,
             params_m=sum(p.numel() for p in model.parameters()) / 1e6,
             macs_g=multiply_adds(model, run_args.img_size) / 1e9, img_size=run_args.img_size,
-            epochs=results[0]["epochs"],
-            minutes=sum(r["train_seconds"] for r in results) / 60,
-            paper_top1=table["paper_top1"][row]))
+            epochs=next(iter(results.values()))["epochs"],
+            minutes=sum(r["train_seconds"] for r in results.values()) / 60,
+            paper_top1=table["paper_top1"].get(row, math.nan)))
+    by_row = {e["row"]: e for e in entries}
+    for entry in entries:
+        reference = by_row.get(reference_row(args.table, entry["row"]))
+        entry["reference"] = reference_row(args.table, entry["row"])
+        entry["vs_reference"] = paired_difference(entry["top1"], reference["top1"] if reference
+                                                  else {})
     return entries
 
 
+def _difference(d: Dict) -> str:
+    if d["seeds"] < 2:
+        return "-"
+    return f"{d['mean']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}]"
+
+
+def robustness_lines(entries: List[Dict]) -> str:
+    """Per aggregator: top-1 at every p and the drop from p = 0, paired over seeds."""
+    by_row = {e["row"]: e for e in entries}
+    header = ["aggregator", *(f"top-1 at p = {p:g}" for p in (0, 0.5, 1)),
+              *(f"drop from p = 0 at p = {p:g} (95 % CI)" for p in (0.5, 1))]
+    lines = []
+    for aggregator in ("max_relative", "gin", "cross_attn"):
+        rows = [by_row.get(f"{aggregator}_p{p:g}") for p in (0, 0.5, 1)]
+        if rows[0] is None:
+            continue
+        drops = [paired_difference(row["top1"], rows[0]["top1"]) if row else None
+                 for row in rows[1:]]
+        lines.append([aggregator,
+                      *(f"{row['mean']:.2f} ± {row['std']:.2f}" if row else "-" for row in rows),
+                      *(_difference(drop) + (" *" if drop["distinguishable"] else "")
+                        if drop else "-" for drop in drops)])
+    return markdown_table(header, lines)
+
+
 def write_report(args, entries: List[Dict]) -> str:
-    header = ["run", "top-1 (%) mean ± std", "per seed", "params (M)",
+    header = ["run", "top-1 (%) mean ± std", "per seed", "vs reference: paired difference, "
+              "mean [95 % CI]", "distinguishable from noise", "params (M)",
               f"MACs (G) at {entries[0]['img_size']} px", "training (min, all seeds)",
               "paper ImageNet-1K top-1 (%)"]
-    lines = [[e["row"], f"{e['mean']:.2f} ± {e['std']:.2f}",
-              ", ".join(f"{v:.2f}" for v in e["top1"]), f"{e['params_m']:.2f}",
-              f"{e['macs_g']:.4f}", f"{e['minutes']:.1f}", f"{e['paper_top1']:.1f}"]
-             for e in entries]
+    lines = []
+    for e in entries:
+        d = e["vs_reference"]
+        reference = e["row"] == e["reference"]
+        lines.append([e["row"], f"{e['mean']:.2f} ± {e['std']:.2f}",
+                      ", ".join(f"{v:.2f}" for _, v in sorted(e["top1"].items())),
+                      "(reference)" if reference else _difference(d),
+                      "" if reference or d["seeds"] < 2 else ("yes" if d["distinguishable"]
+                                                              else "no"),
+                      f"{e['params_m']:.2f}", f"{e['macs_g']:.4f}", f"{e['minutes']:.1f}",
+                      "-" if math.isnan(e["paper_top1"]) else f"{e['paper_top1']:.1f}"])
     text = markdown_table(header, lines) + "\n"
+    if args.table == "robustness":
+        text += "\n" + robustness_lines(entries) + "\n"
     stem = args.output / args.table
     (stem.parent / f"{args.table}.md").write_text(text)
     with open(stem.parent / f"{args.table}.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=[k for k in entries[0] if k != "top1"])
+        columns = [k for k in entries[0] if k not in ("top1", "vs_reference")]
+        writer = csv.DictWriter(handle, fieldnames=[*columns, "per_seed", "diff_mean",
+                                                    "diff_low", "diff_high"])
         writer.writeheader()
-        writer.writerows({k: v for k, v in e.items() if k != "top1"} for e in entries)
+        for e in entries:
+            d = e["vs_reference"]
+            writer.writerow({**{k: e[k] for k in columns},
+                             "per_seed": json.dumps(e["top1"]), "diff_mean": d["mean"],
+                             "diff_low": d["low"], "diff_high": d["high"]})
 
-    figure, axis = plt.subplots(figsize=(1.4 * len(entries) + 2, 3.5))
+    figure, axis = plt.subplots(figsize=(1.2 * len(entries) + 2, 3.8))
     axis.bar([e["row"] for e in entries], [e["mean"] for e in entries],
              yerr=[0 if e["runs"] < 2 else e["std"] for e in entries], capsize=4)
-    low = min(min(e["top1"]) for e in entries)
-    axis.set_ylim(max(0.0, low - 3), min(100.0, max(max(e["top1"]) for e in entries) + 1.5))
+    for index, e in enumerate(entries):  # every seed's result over its bar
+        axis.scatter([index] * e["runs"], list(e["top1"].values()), color="black", s=10,
+                     zorder=3)
+    low = min(min(e["top1"].values()) for e in entries)
+    axis.set_ylim(max(0.0, low - 3),
+                  min(100.0, max(max(e["top1"].values()) for e in entries) + 1.5))
     axis.set_ylabel("top-1 (%)")
-    axis.set_title(f"{args.table}: mean and std over seeds")
+    axis.set_title(f"{args.table}: mean, std and every seed")
+    axis.tick_params(axis="x", labelrotation=30)
     figure.tight_layout()
     figure.savefig(stem.parent / f"{args.table}.png", dpi=100)
     plt.close(figure)

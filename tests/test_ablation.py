@@ -81,3 +81,35 @@ def test_bad_options_fail_before_any_training(argv, message, capsys):
     with pytest.raises(SystemExit) as failure:
         ablation.main(argv)
     assert message in str(failure.value) + capsys.readouterr().err
+
+
+def test_paired_difference_is_the_t_interval():
+    # Differences 1.0, 2.0, 4.0: mean 7/3, sample std sqrt(7/3), t(0.975, 2) = 4.302653.
+    values, reference = {0: 81.0, 1: 82.0, 2: 84.0, 7: 50.0}, {0: 80.0, 1: 80.0, 2: 80.0}
+    d = ablation.paired_difference(values, reference)
+    half = 4.302653 * (7 / 3) ** 0.5 / 3 ** 0.5
+    assert d["seeds"] == 3  # seed 7 has no partner
+    assert d["mean"] == pytest.approx(7 / 3) and d["std"] == pytest.approx((7 / 3) ** 0.5)
+    assert d["low"] == pytest.approx(7 / 3 - half, abs=1e-5)
+    assert d["high"] == pytest.approx(7 / 3 + half, abs=1e-5)
+    assert not d["distinguishable"]  # the interval [-1.46, 6.13] holds 0
+    assert ablation.paired_difference({0: 3.0, 1: 3.1, 2: 2.9}, {0: 1.0, 1: 1.0, 2: 1.0})[
+        "distinguishable"]
+
+
+def test_the_robustness_table_pairs_seeds(image_folder, tmp_path):
+    argv = ["--table", "robustness", "--runs", "gin_p0", "gin_p1", "cross_attn_p0",
+            "cross_attn_p1", "--seeds", "0", "1", "--output", str(tmp_path / "ablation"),
+            "--model-kwargs", TINY_VIG, "--data-dir", str(image_folder), "--epochs", "1",
+            *QUICK_TRAINING]
+    ablation.main(argv)
+    text = (tmp_path / "ablation" / "robustness.md").read_text()
+    assert re.search(r"^\| cross_attn_p0 \| [\d.]+ ± [\d.]+ \| [\d.]+, [\d.]+ \| \(reference\)",
+                     text, re.M)
+    assert re.search(r"^\| gin_p1 \| .* \| [+-][\d.]+ \[[+-][\d.]+, [+-][\d.]+\] \| (yes|no) \|",
+                     text, re.M)
+    assert re.search(r"^\| gin \| [\d.]+ ± [\d.]+ \| - \| [\d.]+ ± [\d.]+ \| - \| [+-][\d.]+ \[",
+                     text, re.M)  # p = 0.5 was not trained
+    config = json.loads((tmp_path / "ablation" / "robustness" / "gin_p1" / "seed0" /
+                         "results.json").read_text())["config"]
+    assert config["model_kwargs"]["graph_corruption"] == 1.0

@@ -376,3 +376,38 @@ def test_a_line_part_checks_its_mask():
         CyclicNeighbours(torch.arange(6).view(2, 3), None)
     with pytest.raises(ValueError, match=r"\[2, 3, 3\] or \[1, 3, 3\]"):
         CyclicNeighbours(torch.arange(6).view(2, 3), None, torch.ones(2, 3, 2, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("corruption", [0.5, 1.0])
+def test_a_corrupted_knn_graph_keeps_its_shape_and_its_images(corruption):
+    x = torch.randn(3, 8, 6, 7)
+    clean = knn_graph(x, k=6, dilation=2)
+    noisy = knn_graph(x, k=6, dilation=2, corruption=corruption,
+                      generator=torch.Generator().manual_seed(1))
+    nodes = 6 * 7
+    # Every node keeps k neighbours, all from its own image; targets unchanged.
+    assert torch.equal(noisy[1], clean[1])
+    assert torch.equal(noisy[0] // nodes, noisy[1] // nodes)
+    # round(p * k) of each node's k entries differ from the clean graph (at most: a random node
+    # may by chance be the one it replaced).
+    changed = (noisy[0] != clean[0]).view(-1, 6).sum(dim=1)
+    assert (changed <= int(corruption * 6 + 0.5)).all()
+    assert changed.float().mean() > 0.5 * int(corruption * 6 + 0.5)
+    # Reproducible under a seed; another seed draws another graph.
+    again = knn_graph(x, k=6, dilation=2, corruption=corruption,
+                      generator=torch.Generator().manual_seed(1))
+    other = knn_graph(x, k=6, dilation=2, corruption=corruption,
+                      generator=torch.Generator().manual_seed(2))
+    assert torch.equal(again, noisy) and not torch.equal(other, noisy)
+    torch.manual_seed(5)
+    first = knn_graph(x, k=6, corruption=corruption)
+    torch.manual_seed(5)
+    assert torch.equal(knn_graph(x, k=6, corruption=corruption), first)  # the global generator
+
+
+def test_no_corruption_is_the_clean_graph():
+    x = torch.randn(2, 8, 5, 5)
+    assert torch.equal(knn_graph(x, k=4, corruption=0.0), knn_graph(x, k=4))
+    assert torch.equal(knn_graph(x, k=4, corruption=0.1), knn_graph(x, k=4))  # round(0.4) = 0
+    with pytest.raises(ValueError, match="in \\[0, 1\\]"):
+        knn_graph(x, k=4, corruption=1.5)

@@ -68,3 +68,19 @@ def test_bad_input():
         ViG(**dict(SMALL, patch_size=6))
     with pytest.raises(ValueError, match="\\[batch, 3, height, width\\]"):
         ViG(**SMALL)(torch.randn(1, 1, 32, 32))
+
+
+def test_graph_corruption_reaches_every_grapher():
+    model = timm.create_model("vig_ti", aggregator="gin", channels=16, depth=2, img_size=32,
+                              patch_size=4, graph_corruption=0.5, num_classes=3)
+    assert all(block[0].corruption == 0.5 for block in model.blocks)
+    torch.manual_seed(0)
+    clean = timm.create_model("vig_ti", aggregator="gin", channels=16, depth=2, img_size=32,
+                              patch_size=4, num_classes=3).eval()
+    torch.manual_seed(0)
+    noisy = timm.create_model("vig_ti", aggregator="gin", channels=16, depth=2, img_size=32,
+                              patch_size=4, num_classes=3, graph_corruption=1.0).eval()
+    x = torch.randn(2, 3, 32, 32)
+    assert not torch.allclose(clean(x), noisy(x))  # same weights, another graph
+    with pytest.raises(ValueError, match="corrupts kNN graphs"):
+        timm.create_model("vig_ti", graph="svga", graph_corruption=0.5)

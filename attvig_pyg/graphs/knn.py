@@ -15,7 +15,8 @@ DEFAULT_MEMORY_BUDGET = 256 * 2**20
 def knn_graph(x: Tensor, k: int, *, dilation: int = 1, self_loops: bool = True,
               relative_pos: Optional[Tensor] = None, stochastic_epsilon: float = 0.0,
               memory_budget: int = DEFAULT_MEMORY_BUDGET,
-              grid_size: Optional[Tuple[int, int]] = None) -> EdgeIndex:
+              grid_size: Optional[Tuple[int, int]] = None, corruption: float = 0.0,
+              generator: Optional[torch.Generator] = None) -> EdgeIndex:
     r"""Vision GNN's dilated kNN edges, within each image, computed without gradient.
 
     Features are L2-normalised over channels; the distance between nodes i and j of one image is
@@ -40,6 +41,13 @@ def knn_graph(x: Tensor, k: int, *, dilation: int = 1, self_loops: bool = True,
         memory_budget (int, optional): Bytes the distance computation may allocate at once; the
             rows of the distance matrices are processed in chunks that fit. (default: 256 MiB)
         grid_size ((int, int), optional): (H, W) when :obj:`x` holds node features.
+        corruption (float, optional): A deliberately imperfect graph: in every node's list of
+            :obj:`k` neighbours, :obj:`round(corruption * k)` entries at random places are
+            replaced by uniformly random nodes of the same image (any node, itself included;
+            repeats possible), so that every node keeps :obj:`k` neighbours. :obj:`1` is a
+            random graph. Drawn anew at every call, from :obj:`generator` (default: torch's
+            global generator, so that a seeded run is reproducible). (default: :obj:`0.0`)
+        generator (torch.Generator, optional): The corruption's random numbers.
 
     Returns:
         :class:`~torch_geometric.EdgeIndex` :obj:`[2, B * H * W * k]` (a LongTensor), grouped by
@@ -57,6 +65,9 @@ def knn_graph(x: Tensor, k: int, *, dilation: int = 1, self_loops: bool = True,
         raise ValueError(f"k * dilation = {k} * {dilation} = {k * dilation} exceeds the "
                          f"{candidates} candidate neighbours of a node in a {height}x{width} image "
                          f"(at most {candidates} with self_loops={self_loops})")
+    if not 0.0 <= corruption <= 1.0:
+        raise ValueError(f"'corruption' is a fraction of the neighbours, in [0, 1] (got "
+                         f"{corruption})")
     if relative_pos is not None and relative_pos.shape != (nodes, nodes):
         raise ValueError(f"Expected 'relative_pos' of shape [{nodes}, {nodes}] for a "
                          f"{height}x{width} grid (got {tuple(relative_pos.shape)})")
@@ -83,6 +94,13 @@ def knn_graph(x: Tensor, k: int, *, dilation: int = 1, self_loops: bool = True,
         nearest = nearest[..., torch.randperm(k * dilation, device=x.device)[:k]]
     else:
         nearest = nearest[..., ::dilation]
+    replaced = int(corruption * k + 0.5)  # round half up
+    if replaced:
+        places = torch.rand(nearest.shape, generator=generator, device=x.device).argsort(
+            dim=-1)[..., :replaced]
+        strangers = torch.randint(0, nodes, (*nearest.shape[:2], replaced), generator=generator,
+                                  device=x.device)
+        nearest = nearest.scatter(-1, places, strangers)
     offsets = (torch.arange(batch_size, device=x.device) * nodes).view(-1, 1, 1)
     source = nearest + offsets
     target = (torch.arange(nodes, device=x.device).view(1, -1, 1) + offsets).expand_as(source)

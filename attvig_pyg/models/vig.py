@@ -73,9 +73,9 @@ class Grapher(nn.Module):
     """fc1 (1x1 + BN), graph conv over the block's graph, fc2 (1x1 + BN back to C), residual."""
 
     def __init__(self, channels: int, aggregator: str, graph: str, k: int, dilation: int,
-                 heads: int, drop_path: float):
+                 heads: int, drop_path: float, corruption: float = 0.0):
         super().__init__()
-        self.graph, self.k, self.dilation = graph, k, dilation
+        self.graph, self.k, self.dilation, self.corruption = graph, k, dilation, corruption
         self.fc1 = nn.Sequential(nn.Conv2d(channels, channels, 1), nn.BatchNorm2d(channels))
         self.conv = GraphConv(aggregator, channels, heads)
         self.fc2 = nn.Sequential(nn.Conv2d(self.conv.out_channels, channels, 1),
@@ -84,7 +84,8 @@ class Grapher(nn.Module):
 
     def build(self, x: Tensor):
         if self.graph == "knn":
-            return build_graph("knn", x, k=self.k, dilation=self.dilation)
+            return build_graph("knn", x, k=self.k, dilation=self.dilation,
+                               corruption=self.corruption)
         height, width = x.shape[-2:]
         # Vision GNN's kNN counts a node among its neighbours; the axial graphs do the same here.
         return build_graph(self.graph, x, k=default_steps(height, width), self_loops=True,
@@ -127,13 +128,17 @@ class ViG(nn.Module):
         k: Neighbours in the first block.
         heads: Cross-attention heads.
         head_hidden_size: Width of the 1x1 conv + BN + GELU before the classifier.
+        graph_corruption: A fraction of every node's kNN neighbours replaced by random nodes of
+            its image, in training and evaluation (:func:`~attvig_pyg.graphs.knn_graph`'s
+            ``corruption``; the robustness ablation). kNN graphs only.
     """
 
     def __init__(self, aggregator: str = "max_relative", graph: str = "knn",
                  channels: int = 192, depth: int = 12, num_classes: int = 1000,
                  in_chans: int = 3, img_size: int = 224, patch_size: int = 16, k: int = 9,
                  heads: int = 8, head_hidden_size: int = 1024, drop_rate: float = 0.0,
-                 drop_path_rate: float = 0.0, global_pool: str = "avg"):
+                 drop_path_rate: float = 0.0, global_pool: str = "avg",
+                 graph_corruption: float = 0.0):
         super().__init__()
         # Drawn before any layer exists, so that it does not depend on the aggregator's layers.
         shared_seed = int(torch.randint(2**62, ()))
@@ -141,6 +146,8 @@ class ViG(nn.Module):
             raise ValueError(f"Unknown graph policy '{graph}' (expected one of "
                              f"{', '.join(GRAPH_POLICIES)})")
         check_pool(global_pool)
+        if graph_corruption and graph != "knn":
+            raise ValueError(f"'graph_corruption' corrupts kNN graphs (graph='{graph}')")
         if patch_size < 2 or patch_size & (patch_size - 1):
             raise ValueError(f"'patch_size' must be a power of two >= 2 (got {patch_size})")
         self.aggregator, self.graph = aggregator, graph
@@ -164,7 +171,7 @@ class ViG(nn.Module):
         rates = calculate_drop_path_rates(drop_path_rate, depth)
         self.blocks = nn.Sequential(*[nn.Sequential(
             Grapher(channels, aggregator, graph, ks[i], min(i // 4 + 1, max_dilation), heads,
-                    rates[i]),
+                    rates[i], graph_corruption),
             FFN(channels, rates[i])) for i in range(depth)])
         self.pre_logits = nn.Sequential(nn.Conv2d(channels, head_hidden_size, 1),
                                         nn.BatchNorm2d(head_hidden_size), nn.GELU())
