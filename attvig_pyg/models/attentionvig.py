@@ -467,18 +467,9 @@ class AttentionViG(nn.Module):
         ``None``, the last n for an int n; NCHW at strides 4 to 32) and, unless
         ``intermediates_only``, the final features. There is no final norm: ``norm`` changes
         nothing."""
-        if output_fmt != "NCHW":
-            raise ValueError(f"AttentionViG's intermediates are NCHW maps (got output_fmt="
-                             f"'{output_fmt}')")
-        taken, max_index = take_indices(len(self.stages), indices)
         self._check_images(x)
-        x = self.stem(x)
-        intermediates = []
-        for index, stage in enumerate(self.stages[:max_index + 1] if stop_early else
-                                      self.stages):
-            x = stage(x)
-            if index in taken:
-                intermediates.append(x)
+        x, intermediates = run_taking(self.stem(x), self.stages, indices, stop_early,
+                                      output_fmt)
         return intermediates if intermediates_only else (x, intermediates)
 
     def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1,
@@ -537,6 +528,22 @@ def take_indices(count: int, indices: Optional[Union[int, Sequence[int]]]) -> Tu
             raise ValueError(f"Expected stage indices in [{-count}, {count - 1}] (got "
                              f"{list(indices)})")
     return absolute, max(absolute)
+
+
+def run_taking(x: Tensor, layers: nn.Sequential, indices, stop_early: bool,
+               output_fmt: str) -> Tuple[Tensor, List[Tensor]]:
+    """``layers`` on ``x``, keeping the outputs of those in ``indices`` (:func:`take_indices`;
+    with ``stop_early`` the layers after the last of them do not run): what
+    ``forward_intermediates`` computes. Returns the last output and the kept ones."""
+    if output_fmt != "NCHW":
+        raise ValueError(f"The intermediates are NCHW maps (got output_fmt='{output_fmt}')")
+    taken, last = take_indices(len(layers), indices)
+    kept = []
+    for index, layer in enumerate(layers[:last + 1] if stop_early else layers):
+        x = layer(x)
+        if index in taken:
+            kept.append(x)
+    return x, kept
 
 
 def check_pool(global_pool: str) -> None:

@@ -21,7 +21,7 @@ from torch_geometric.nn import EdgeConv, GINConv, SAGEConv
 
 from attvig_pyg.graphs import GRAPH_POLICIES, build_graph
 from attvig_pyg.graphs.grid import default_steps
-from attvig_pyg.models.attentionvig import check_pool, take_indices
+from attvig_pyg.models.attentionvig import check_pool, run_taking, take_indices
 from attvig_pyg.models.checkpoints import check_fits, unwrap_state_dict
 from attvig_pyg.models.fusion import fuse_batchnorm
 from attvig_pyg.nn import CrossAttnConv, GroupedLinear, MaxRelativeConv
@@ -273,16 +273,8 @@ class ViG(nn.Module):
                               ) -> Union[List[Tensor], Tuple[Tensor, List[Tensor]]]:
         """timm's feature interface over the blocks (see
         :meth:`AttentionViG.forward_intermediates`): NCHW maps at the stem's stride."""
-        if output_fmt != "NCHW":
-            raise ValueError(f"ViG's intermediates are NCHW maps (got output_fmt='{output_fmt}')")
-        taken, max_index = take_indices(len(self.blocks), indices)
-        x = self._embed(x)
-        intermediates = []
-        for index, block in enumerate(self.blocks[:max_index + 1] if stop_early else
-                                      self.blocks):
-            x = block(x)
-            if index in taken:
-                intermediates.append(x)
+        x, intermediates = run_taking(self._embed(x), self.blocks, indices, stop_early,
+                                      output_fmt)
         return intermediates if intermediates_only else (x, intermediates)
 
     def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1,
