@@ -81,7 +81,7 @@ def worker(task: str, variant: str, size: str, repeats: int) -> None:
     forward = torch.compile(model) if "compiled" in options else model
     if training:
         labels = torch.randint(0, 1000, (batch,))
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
         def step():
             optimizer.zero_grad(set_to_none=True)
@@ -171,7 +171,8 @@ def models_section(best: Dict, args) -> str:
         "(AttentionViG computes in it anyway), `+keep_activations` AttentionViG without its "
         "activation recomputation, `+maxrel_dagc` AttentionViG's skeleton with GreedyViG-S's "
         "max-relative Grapher on DAGC graphs. MACs: `FlopCounterMode` total / 2, eval, batch 1, "
-        "224 px, unfused. Training step: forward, cross-entropy, backward, AdamW step. Memory: "
+        "224 px, unfused. Training step: forward, cross-entropy, backward, AdamW step "
+        "(torch's fused kernel, for every model). Memory: "
         "peak RSS of one training step minus the RSS before it (after a warm-up step; "
         "benchmarking.py).\n\nInference, batch 16, 224 px:\n\n" + markdown_table(
             ["variant", "params (M)", "MACs (G)", "img/s", "vs resnet50", "compile s"],
@@ -207,7 +208,8 @@ def scaling_section(best: Dict, args) -> str:
         f"Command: `{command.strip()}` ({environment()}; eager, unfused, untrained weights; "
         f"best of {args.rounds} interleaved rounds x {args.repeats} steps, each in a fresh "
         "process). Inference, batch 1; MACs include the cross-attention's shifted products "
-        "(attvig_pyg.models.complexity.multiply_adds); features: `features_only=True` models, all four stages, "
+        "(attvig_pyg.models.complexity.multiply_adds); features: `features_only=True` models, "
+        "all four stages, "
         "against timm's resnet50.\n\n" + markdown_table(
             ["input (h x w)", "pixels vs 224", "MACs (G)", "MACs per pixel vs 224",
              "ms per image", "time per pixel vs 224", "features: time vs resnet50",

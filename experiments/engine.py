@@ -53,6 +53,7 @@ RUN_LOCAL = ("workers", "device", "data_dir", "output", "resume", "eval_only", "
              "preset")
 # Flags that build the network: --eval-only takes them from the checkpoint.
 MODEL_FLAGS = ("model", "graph", "aggregator", "model_kwargs", "drop_path")
+FUSED_OPTIMIZERS = ("adam", "adamw")  # --opt names whose torch optimizer has a fused kernel
 PATH_FLAGS = ("data_dir", "teacher_checkpoint", "output", "resume", "checkpoint", "pretrained")
 
 
@@ -974,8 +975,11 @@ def _prepare(program: str, args, world: Distributed, setup: Setup):
     if len(train_loader) == 0:
         raise SystemExit(f"{len(setup.train_set)} training items make no batch of "
                          f"{args.batch_size} per process")
+    # torch's fused Adam(W) kernel: on the CPU the default per-parameter loop took 5-20x the
+    # time of a fused step for AttentionViG-S's 12 M parameters (docs/benchmarks.md).
+    fused = dict(fused=True) if args.opt.lower() in FUSED_OPTIMIZERS else {}
     optimizer = create_optimizer_v2(model, opt=args.opt, lr=setup.lr,
-                                    weight_decay=args.weight_decay)
+                                    weight_decay=args.weight_decay, **fused)
     scheduler = setup.schedule(optimizer, len(train_loader))
     ema = ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema else None
     eval_model = model

@@ -21,7 +21,7 @@ def operator_table(model: torch.nn.Module, mode: str, rows: int) -> str:
     images = torch.randn(8 if mode == "train" else 16, 3, 224, 224)
     if mode == "train":
         labels = torch.randint(0, 1000, (images.size(0),))
-        optimizer = torch.optim.AdamW(model.parameters())
+        optimizer = torch.optim.AdamW(model.parameters(), fused=True)  # as the engine
 
         def step():
             optimizer.zero_grad(set_to_none=True)

@@ -4,7 +4,7 @@ et al.) compares convs on MNIST superpixels.
 
     python experiments/superpixels.py --profile cpu                  # every conv, 2 seeds, 2 cores
     python experiments/superpixels.py --convs cross_attn gatv2 --seeds 0 1 2 --epochs 100
-    python experiments/superpixels.py --run --conv gcn --output runs/gcn   # one run, any engine flag
+    python experiments/superpixels.py --run --conv gcn --output runs/gcn  # one run, engine flags
 
 Every (conv, seed) is one run of the training engine in OUTPUT/<conv>/seed<seed> (resumable:
 repeat the command; finished runs are skipped), evaluated on the validation graphs each epoch;
