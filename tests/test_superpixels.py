@@ -153,3 +153,15 @@ def test_every_conv_has_about_100k_parameters():
     for conv in superpixels.CONVS:
         model = superpixels.SuperpixelGNN(conv, superpixels.width_for(conv))
         assert 90_000 <= sum(p.numel() for p in model.parameters()) <= 110_000, conv
+
+
+def test_the_worked_example_runs():
+    """docs/general-graphs.md's example, as written."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "general-graphs.md").read_text()
+    namespace = {}
+    for block in re.findall(r"```python\n(.*?)```", text, re.S):
+        exec(compile(block, "general-graphs.md", "exec"), namespace)
+    assert namespace["gat_logits"].shape == namespace["cross_logits"].shape == (50, 4)
