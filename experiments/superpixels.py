@@ -55,7 +55,7 @@ PARAMETERS, LAYERS, FEATURES, CLASSES = 100_000, 4, 3, 10
 # The CPU profile: 2 seeds of every conv in at most 90 minutes on 2 cores (docs/general-graphs.md
 # states what it costs): the embedded images' 9,000 training graphs, 1,000 validation graphs,
 # the complete 10,000 test graphs.
-PROFILES = {"cpu": dict(epochs=5, patience=1, batch_size=128, workers=0, full=False)}
+PROFILES = {"cpu": dict(epochs=10, patience=2, batch_size=128, workers=0, full=False)}
 
 
 class SuperpixelGNN(nn.Module):
