@@ -9,8 +9,9 @@ et al.) compares convs on MNIST superpixels.
 Every (conv, seed) is one run of the training engine in OUTPUT/<conv>/seed<seed> (resumable:
 repeat the command; finished runs are skipped), evaluated on the validation graphs each epoch;
 the best epoch's weights are then scored on the test graphs. The table (test accuracy mean and
-std, parameters, seconds per epoch, peak memory) goes to OUTPUT/superpixels.md and .csv, the
-curves to OUTPUT/superpixels.png. Reading and results: docs/general-graphs.md.
+std, parameters, seconds per epoch, and the time and peak memory of one training step, each conv
+measured in a fresh process on the same batch of real graphs) goes to OUTPUT/superpixels.md and
+.csv, the curves to OUTPUT/superpixels.png. Reading and results: docs/general-graphs.md.
 """
 import argparse
 import csv
@@ -32,8 +33,9 @@ from torch_geometric.nn import (GATv2Conv, GCNConv, GINConv, ResGatedGraphConv, 
 
 import engine
 from attvig_pyg import CrossAttnConv
-from attvig_pyg.data.superpixels import FashionMNISTSuperpixels
-from benchmarking import markdown_table
+from attvig_pyg.data.fashion_mnist import load_fashion_mnist
+from attvig_pyg.data.superpixels import FashionMNISTSuperpixels, superpixel_graph
+from benchmarking import markdown_table, measure, run_isolated, worker_output
 
 PROGRAM = "superpixels"
 log = logging.getLogger("superpixels")
@@ -223,18 +225,39 @@ def describe(metrics: Dict[str, float]) -> str:
     return f"accuracy {metrics['accuracy']:.2f}% on {int(metrics['graphs'])} graphs"
 
 
-def test_checkpoint(folder: Path, peak_mib: float) -> Dict:
+def test_checkpoint(folder: Path) -> Dict:
     """The best epoch's weights of a finished run on the test graphs (OUTPUT/test.json)."""
     if (folder / "test.json").exists():
         return json.loads((folder / "test.json").read_text())
     metrics = engine.main(PROGRAM, parse_args(["--eval-only", "--checkpoint",
                                                str(folder / "best.pth")]),
                           build_run, build_evaluation, describe, "the test graphs")
-    result = dict(test_accuracy=metrics["accuracy"], test_graphs=metrics["graphs"],
-                  peak_mib=peak_mib)
+    result = dict(test_accuracy=metrics["accuracy"], test_graphs=metrics["graphs"])
     with engine.atomic_file(folder / "test.json") as temporary:
         temporary.write_text(json.dumps(result, indent=2))
     return result
+
+
+def step_cost(conv: str, batch_size: int, repeats: int = 5) -> Dict[str, float]:
+    """One training step (forward, backward, Adam) on the superpixel graphs of the first
+    ``batch_size`` embedded training images, measured by benchmarking.measure: the best of
+    ``repeats`` times, and the peak memory it added. Run in a fresh process (worker mode) so
+    that no conv measured earlier leaves memory the allocator keeps."""
+    images, labels = load_fashion_mnist("train")
+    graphs = []
+    for image, label in zip(images[:batch_size], labels[:batch_size]):
+        graphs.append(superpixel_graph(image.numpy()))
+        graphs[-1].y = label.view(1)
+    graphs = Batch.from_data_list(graphs)
+    torch.manual_seed(0)
+    model = SuperpixelGNN(conv, width_for(conv)).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(graphs), graphs.y).backward()
+        optimizer.step()
+    return measure(step, repeats)
 
 
 # ---- the table --------------------------------------------------------------------------------
@@ -264,19 +287,6 @@ def profile_argv(profile: Optional[str]) -> List[str]:
     return argv
 
 
-def peak_memory_reset() -> int:
-    """Resets this process's peak resident size (Linux) and returns the current size, KiB."""
-    Path("/proc/self/clear_refs").write_text("5")
-    return _status_kib("VmRSS")
-
-
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
-
-
 def train_table(table, run_argv: List[str]) -> List[Dict]:
     plan = [(conv, seed) for conv in table.convs for seed in table.seeds]
     results = []
@@ -284,23 +294,20 @@ def train_table(table, run_argv: List[str]) -> List[Dict]:
         folder = table.output / conv / f"seed{seed}"
         argv = [*profile_argv(table.profile), "--conv", conv, "--seed", str(seed), *run_argv]
         run_args = engine.series_run(folder, argv, parse_args)
-        peak = None
         if run_args is not None:
             log.info("run %d/%d: %s seed %d%s", index, len(plan), conv, seed,
                      " (resumed)" if run_args.resume else "")
-            before = peak_memory_reset()
             engine.train(PROGRAM, run_args, build_run)
-            peak = (_status_kib("VmHWM") - before) / 1024
         else:
             log.info("run %d/%d: %s seed %d already finished (%s)", index, len(plan), conv, seed,
                      folder)
         summary = json.loads((folder / "results.json").read_text())
-        test = test_checkpoint(folder, peak)
+        test = test_checkpoint(folder)
         results.append(dict(conv=conv, seed=seed, summary=summary, **test))
     return results
 
 
-def write_report(table, results: List[Dict]) -> str:
+def write_report(table, results: List[Dict], batch_size: int) -> str:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -313,26 +320,27 @@ def write_report(table, results: List[Dict]) -> str:
                          for row in torch.load(table.output / conv / f"seed{r['seed']}" /
                                                "last.pth", map_location="cpu",
                                                weights_only=True)["history"]]
-        peaks = [r["peak_mib"] for r in runs if r["peak_mib"] is not None]
+        log.info("measuring one training step of %s (batch %d, fresh process)", conv, batch_size)
+        cost = run_isolated(Path(__file__), [conv, str(batch_size)])
         entry = dict(conv=conv, runs=len(runs), mean=statistics.mean(accuracies),
                      std=statistics.stdev(accuracies) if len(accuracies) > 1 else math.nan,
                      per_seed=accuracies,
                      parameters=sum(p.numel() for p in
                                     SuperpixelGNN(conv, width_for(conv)).parameters()),
                      seconds_per_epoch=statistics.mean(epoch_seconds),
-                     peak_mib=max(peaks) if peaks else math.nan,
+                     step_ms=1000 * cost["time_s"], step_peak_mib=cost["peak_mib"],
                      epochs=runs[0]["summary"]["epochs"])
         entries.append(entry)
-    reference = {e["conv"]: e["seconds_per_epoch"] for e in entries}
-    header = ["conv", "test accuracy (%) mean ± std", "per seed", "parameters",
-              "s per epoch", "vs gatv2", "vs transformer", "peak MiB"]
+    reference = {e["conv"]: e["step_ms"] for e in entries}
+    header = ["conv", "test accuracy (%) mean ± std", "per seed", "parameters", "s per epoch",
+              f"step ms (batch {batch_size})", "vs gatv2", "vs transformer", "step peak MiB"]
     for e in entries:
         rows.append([e["conv"], f"{e['mean']:.2f} ± {e['std']:.2f}",
                      ", ".join(f"{v:.2f}" for v in e["per_seed"]), f"{e['parameters']:,}",
-                     f"{e['seconds_per_epoch']:.1f}",
-                     *(f"{e['seconds_per_epoch'] / reference[peer]:.2f}x" if peer in reference
+                     f"{e['seconds_per_epoch']:.1f}", f"{e['step_ms']:.0f}",
+                     *(f"{e['step_ms'] / reference[peer]:.2f}x" if peer in reference
                        else "-" for peer in ("gatv2", "transformer")),
-                     f"{e['peak_mib']:.0f}"])
+                     f"{e['step_peak_mib']:.0f}"])
     text = markdown_table(header, rows) + "\n"
     with engine.atomic_file(table.output / "superpixels.md") as temporary:
         temporary.write_text(text)
@@ -367,6 +375,8 @@ def write_report(table, results: List[Dict]) -> str:
 
 def main(argv: Optional[List[str]] = None):
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--worker"]:  # step_cost in a fresh process: --worker CONV BATCH_SIZE
+        return worker_output(step_cost(argv[1], int(argv[2])))
     if "--run" in argv:  # one run: every other flag is the run's
         argv.remove("--run")
         args = parse_args(argv)
@@ -377,11 +387,12 @@ def main(argv: Optional[List[str]] = None):
         if any(option.split("=")[0] == flag for option in run_argv):
             raise SystemExit(f"{flag} is set per run by the table; use --convs, --seeds, "
                              f"--output (or --run for one run)")
-    parse_args(run_argv)  # a bad run option fails now, not after an hour
+    # A bad run option fails now, not after an hour.
+    batch_size = parse_args([*profile_argv(table.profile), *run_argv]).batch_size
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     started = time.time()
     results = train_table(table, run_argv)
-    text = write_report(table, results)
+    text = write_report(table, results, batch_size)
     print(text, end="")
     print(f"{len(results)} runs in {table.output}; this command's wall time "
           f"{(time.time() - started) / 60:.1f} min")
