@@ -237,25 +237,14 @@ def coco_results(output: Dict[str, torch.Tensor], image_id: int,
     return results
 
 
-class DetectionTask(engine.Task):
+class DetectionTask(engine.ModelTask):
     """Mask R-CNN's losses (RPN, box, mask) summed; evaluated by COCO AP."""
 
     score = "bbox_AP"
 
     def __init__(self, model: MaskRCNN, evaluation: CocoInstances):
-        self.model = self.trained = model
+        super().__init__(model)
         self.evaluation = evaluation
-
-    def train(self) -> None:
-        self.trained.train()
-
-    def prepare_distributed(self, device_ids) -> None:
-        self.trained = torch.nn.parallel.DistributedDataParallel(self.trained,
-                                                                 device_ids=device_ids)
-
-    def compile(self, backend: str):
-        self.trained = torch.compile(self.model, backend=backend)
-        return self.trained
 
     def loss(self, batch, device):
         images, targets = batch

@@ -732,6 +732,26 @@ class Task:
         raise NotImplementedError
 
 
+
+class ModelTask(Task):
+    """A task that trains one module, ``self.model``, through ``self.trained`` (the module itself,
+    or its compiled or DistributedDataParallel wrapper); subclasses give ``loss`` and
+    ``evaluate``."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = self.trained = model
+
+    def train(self) -> None:
+        self.trained.train()
+
+    def prepare_distributed(self, device_ids: Optional[List[int]]) -> None:
+        self.trained = torch.nn.parallel.DistributedDataParallel(self.trained,
+                                                                 device_ids=device_ids)
+
+    def compile(self, backend: str) -> torch.nn.Module:
+        self.trained = torch.compile(self.model, backend=backend)
+        return self.trained
+
 @dataclass
 class Setup:
     """What a program builds for a run; the engine trains it. ``model`` is the network whose

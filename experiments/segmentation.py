@@ -212,26 +212,15 @@ def segmentation_metrics(matrix: torch.Tensor) -> Dict[str, float]:
                 aAcc=100 * float(hits.sum() / matrix.sum().clamp_min(1)))
 
 
-class SegmentationTask(engine.Task):
+class SegmentationTask(engine.ModelTask):
     """Pixel cross-entropy (ignored pixels left out); evaluated by mIoU at full resolution."""
 
     score = "mIoU"
 
     def __init__(self, model: SemanticFPN, num_classes: int):
-        self.model = self.trained = model
+        super().__init__(model)
         self.num_classes = num_classes
         self.criterion = torch.nn.CrossEntropyLoss(ignore_index=IGNORE)
-
-    def train(self) -> None:
-        self.trained.train()
-
-    def prepare_distributed(self, device_ids) -> None:
-        self.trained = torch.nn.parallel.DistributedDataParallel(self.trained,
-                                                                 device_ids=device_ids)
-
-    def compile(self, backend: str):
-        self.trained = torch.compile(self.model, backend=backend)
-        return self.trained
 
     def loss(self, batch, device):
         images, labels = (t.to(device) for t in batch)

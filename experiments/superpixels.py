@@ -155,23 +155,10 @@ def collate(graphs):
     return Batch.from_data_list(graphs), 0
 
 
-class GraphClassification(engine.Task):
+class GraphClassification(engine.ModelTask):
     """Cross-entropy of the graph label; evaluated by accuracy (and loss)."""
 
     score = "accuracy"
-
-    def __init__(self, model: nn.Module):
-        self.model = self.trained = model
-
-    def train(self) -> None:
-        self.trained.train()
-
-    def prepare_distributed(self, device_ids) -> None:
-        self.trained = nn.parallel.DistributedDataParallel(self.trained, device_ids=device_ids)
-
-    def compile(self, backend: str):
-        self.trained = torch.compile(self.model, backend=backend)
-        return self.trained
 
     def loss(self, batch, device):
         graphs = batch[0].to(device)
