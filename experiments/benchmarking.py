@@ -6,10 +6,18 @@ resident size just before it: the extra memory the step needed, activations and 
 included. Before that step, a warm-up step has run (one-time allocations: optimizer state,
 kernel caches) and the memory it freed has been handed back to the system (``malloc_trim``), so
 that the measured step cannot hide in memory the allocator kept.
+
+That figure still depends on glibc's allocator: memory a step frees may stay resident and be
+reused or not, depending on the order of allocations. ``run_isolated(..., live_memory=True)``
+measures the memory alive instead: glibc's mmap threshold is fixed at 64 KiB, so every larger
+block is mapped when allocated and unmapped when freed, and the peak RSS is the peak of the
+memory in use. Each page is then faulted in anew on every allocation, so that process's times
+are not comparable and only its memory is used.
 """
 import ctypes
 import gc
 import json
+import os
 import re
 import subprocess
 import sys
@@ -49,10 +57,12 @@ def measure(step: Callable[[], None], repeats: int) -> Dict[str, float]:
     return {"time_s": min(times), "peak_mib": (peak - before) / 1024}
 
 
-def run_isolated(script: Path, args: List[str]) -> Dict[str, float]:
-    """Runs ``script --worker ARGS`` in a fresh interpreter and returns the JSON it prints last."""
+def run_isolated(script: Path, args: List[str], live_memory: bool = False) -> Dict[str, float]:
+    """Runs ``script --worker ARGS`` in a fresh interpreter and returns the JSON it prints last
+    (``live_memory``: with glibc returning every freed block at once; see above)."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(64 * 1024)) if live_memory else None
     result = subprocess.run([sys.executable, str(script), "--worker", *args],
-                            capture_output=True, text=True, check=False)
+                            capture_output=True, text=True, check=False, env=env)
     if result.returncode != 0:
         raise RuntimeError(f"worker {args} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])

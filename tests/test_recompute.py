@@ -56,7 +56,8 @@ def test_recomputation_keeps_fewer_activations():
     recomputing = saved_bytes(lambda: model(images).sum(), model)
     model.set_activation_recompute(False)
     plain = saved_bytes(lambda: model(images).sum(), model)
-    assert recomputing < 0.7 * plain, (recomputing, plain)
+    # Each inverted residual and FFN keeps only its input: about a fifth of the plain path.
+    assert recomputing < 0.3 * plain, (recomputing, plain)
 
 
 def test_recompute_in_backward_under_autocast_matches_the_plain_path():

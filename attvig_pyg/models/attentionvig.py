@@ -38,19 +38,11 @@ def conv_bn(in_chs: int, out_chs: int, kernel_size: int = 1, stride: int = 1,
                                    groups=groups), nn.BatchNorm2d(out_chs))
 
 
-def conv_bn_chain(chain: nn.Sequential, x: Tensor, recompute: bool) -> Tensor:
-    """``chain(x)`` for a chain conv_bn, ..., conv_bn. With ``recompute``, what lies between
-    the first conv and the last conv_bn (BatchNorms, GELUs, a depthwise conv: cheap to run,
-    large to keep) keeps only its input for backward and runs again there."""
-    def middle(h: Tensor) -> Tensor:
-        h = chain[0][1](h)
-        for index in range(1, len(chain) - 1):
-            h = chain[index](h)
-        return h
-
-    h = chain[0][0](x)
-    h = recompute_in_backward(middle, h, chain) if recompute else middle(h)
-    return chain[-1](h)
+def run_branch(branch: nn.Sequential, x: Tensor, recompute: bool) -> Tensor:
+    """``branch(x)`` for a block's conv + BN + GELU chain. With ``recompute`` it keeps only
+    ``x`` for backward and runs again there: its 4x-wide intermediates are most of a block's
+    activations, and its convs are 1x1 and depthwise, cheap to run twice."""
+    return recompute_in_backward(branch, x, branch) if recompute else branch(x)
 
 
 class Stem(nn.Sequential):
@@ -84,7 +76,7 @@ class InvertedResidual(nn.Module):
         self.recompute = True  # AttentionViG.set_activation_recompute
 
     def forward(self, x: Tensor) -> Tensor:
-        mlp = conv_bn_chain(self.mlp, x, self.recompute)
+        mlp = run_branch(self.mlp, x, self.recompute)
         return x + self.drop_path(self.layer_scale.view(-1, 1, 1) * mlp)
 
 
@@ -195,7 +187,7 @@ class GrapherBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.drop_path(self.layer_scale_1.view(-1, 1, 1) * self.mixer(x))
-        ffn = conv_bn_chain(self.ffn, x, self.recompute)
+        ffn = run_branch(self.ffn, x, self.recompute)
         return x + self.drop_path(self.layer_scale_2.view(-1, 1, 1) * ffn)
 
 
@@ -378,11 +370,11 @@ class AttentionViG(nn.Module):
         return fuse_batchnorm(self)
 
     def set_activation_recompute(self, enable: bool = True) -> "AttentionViG":
-        """Whether the blocks recompute their BatchNorm, GELU and depthwise-conv activations in
-        backward instead of keeping them (default on: training memory for a few percent of
-        time; the gradients are the same bit for bit). The aggregation is always recomputed.
-        Unlike :meth:`set_grad_checkpointing` no convolution runs twice except the depthwise
-        ones."""
+        """Whether the inverted residuals and the Graphers' FFNs keep only their input for
+        backward and run again there (default on: a third of the training memory for a few
+        percent of time; the gradients and BatchNorm statistics are the same bit for bit). The
+        aggregation is always recomputed. Unlike :meth:`set_grad_checkpointing` the token
+        mixers, stem and downsampling convs run once."""
         for block in self.modules():
             if isinstance(block, (InvertedResidual, GrapherBlock)):
                 block.recompute = enable

@@ -1,5 +1,5 @@
-"""Activation memory: a cheap part of a block (BatchNorm, GELU, a depthwise conv) that keeps
-only its input for backward and recomputes its intermediates there.
+"""Activation memory: a cheap part of a block (1x1 and depthwise convs, BatchNorm, GELU) that
+keeps only its input for backward and recomputes its intermediates there.
 
 Unlike ``torch.utils.checkpoint`` the recomputation leaves BatchNorm's running statistics as
 the forward pass left them (they are updated once per step, as without recomputation), and the
