@@ -38,11 +38,21 @@ def conv_bn(in_chs: int, out_chs: int, kernel_size: int = 1, stride: int = 1,
                                    groups=groups), nn.BatchNorm2d(out_chs))
 
 
-def run_branch(branch: nn.Sequential, x: Tensor, recompute: bool) -> Tensor:
-    """``branch(x)`` for a block's conv + BN + GELU chain. With ``recompute`` it keeps only
-    ``x`` for backward and runs again there: its 4x-wide intermediates are most of a block's
-    activations, and its convs are 1x1 and depthwise, cheap to run twice."""
-    return recompute_in_backward(branch, x, branch) if recompute else branch(x)
+def run_branch(branch: nn.Sequential, x: Tensor, recompute: Optional[str]) -> Tensor:
+    """``branch(x)`` for a block's chain conv_bn, GELU, ..., conv_bn, keeping less of it for
+    backward, where the rest runs again (:mod:`attvig_pyg.models.recompute`): ``"branch"``
+    keeps only ``x``; ``"activations"`` keeps the first conv's output and the last conv's input
+    and recomputes the BatchNorms, GELUs and depthwise conv between them; ``None`` keeps all."""
+    if recompute == "branch":
+        return recompute_in_backward(branch, x, branch)
+    if recompute == "activations":
+        def between(h: Tensor) -> Tensor:
+            h = branch[0][1](h)
+            for layer in branch[1:-1]:
+                h = layer(h)
+            return h
+        return branch[-1](recompute_in_backward(between, branch[0][0](x), branch))
+    return branch(x)
 
 
 class Stem(nn.Sequential):
@@ -73,7 +83,7 @@ class InvertedResidual(nn.Module):
                                  conv_bn(hidden, dim))
         self.layer_scale = nn.Parameter(torch.full((dim,), layer_scale_init_value))
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.recompute = True  # AttentionViG.set_activation_recompute
+        self.recompute: Optional[str] = None  # AttentionViG.set_activation_recompute
 
     def forward(self, x: Tensor) -> Tensor:
         mlp = run_branch(self.mlp, x, self.recompute)
@@ -183,7 +193,7 @@ class GrapherBlock(nn.Module):
         self.layer_scale_1 = nn.Parameter(torch.full((dim,), layer_scale_init_value))
         self.layer_scale_2 = nn.Parameter(torch.full((dim,), layer_scale_init_value))
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.recompute = True  # AttentionViG.set_activation_recompute
+        self.recompute: Optional[str] = None  # AttentionViG.set_activation_recompute
 
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.drop_path(self.layer_scale_1.view(-1, 1, 1) * self.mixer(x))
@@ -311,6 +321,7 @@ class AttentionViG(nn.Module):
             self.head_dist = (nn.Linear(head_hidden_size, num_classes) if num_classes
                               else nn.Identity())
         self.apply(self._init_weights)
+        self.set_activation_recompute(True)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -370,14 +381,19 @@ class AttentionViG(nn.Module):
         return fuse_batchnorm(self)
 
     def set_activation_recompute(self, enable: bool = True) -> "AttentionViG":
-        """Whether the inverted residuals and the Graphers' FFNs keep only their input for
-        backward and run again there (default on: a third of the training memory for a few
-        percent of time; the gradients and BatchNorm statistics are the same bit for bit). The
-        aggregation is always recomputed. Unlike :meth:`set_grad_checkpointing` the token
-        mixers, stem and downsampling convs run once."""
-        for block in self.modules():
-            if isinstance(block, (InvertedResidual, GrapherBlock)):
-                block.recompute = enable
+        """Whether the inverted residuals and the Graphers' FFNs recompute activations in
+        backward instead of keeping them (default on; the gradients and BatchNorm statistics
+        are the plain path's bit for bit). In the first two stages, whose maps are large and
+        channels few, a block's 1x1 and depthwise convs are memory-bound and cheap to run
+        twice: the whole branch keeps only its input. In the last two the 1x1 convs are
+        compute-bound: only the BatchNorms, GELUs and depthwise conv between a branch's first
+        and last conv run again. The aggregation is always recomputed. Unlike
+        :meth:`set_grad_checkpointing` the token mixers, stem and downsampling convs run once.
+        docs/benchmarks.md has what each choice costs and saves."""
+        for index, stage in enumerate(self.stages):
+            mode = ("branch" if index < 2 else "activations") if enable else None
+            for block in stage.blocks:
+                block.recompute = mode
         return self
 
     # ---- cross-attention temperatures ----------------------------------------------------
