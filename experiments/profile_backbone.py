@@ -4,6 +4,8 @@ activations autograd keeps for backward during a training forward pass, by stage
 storages, parameters excluded). What docs/benchmarks.md's profile section quotes.
 
     python experiments/profile_backbone.py attentionvig_s --mode train [--rows 15]
+    python experiments/profile_backbone.py attentionvig_s --mode train --compile
+    python experiments/profile_backbone.py attentionvig_s --mode train --shapes
     python experiments/profile_backbone.py attentionvig_s --mode fused
     python experiments/profile_backbone.py attentionvig_s --mode saved
 """
@@ -17,28 +19,30 @@ from torch.profiler import ProfilerActivity, profile
 import attvig_pyg.models  # noqa: F401  (registers the models with timm)
 
 
-def operator_table(model: torch.nn.Module, mode: str, rows: int) -> str:
+def operator_table(model: torch.nn.Module, mode: str, rows: int, compiled: bool,
+                   shapes: bool) -> str:
     images = torch.randn(8 if mode == "train" else 16, 3, 224, 224)
+    model.train(mode == "train")
+    if mode == "fused":
+        model.reparameterize()
+    forward = torch.compile(model) if compiled else model
     if mode == "train":
         labels = torch.randint(0, 1000, (images.size(0),))
         optimizer = torch.optim.AdamW(model.parameters(), fused=True)  # as the engine
 
         def step():
             optimizer.zero_grad(set_to_none=True)
-            torch.nn.functional.cross_entropy(model.train()(images), labels).backward()
+            torch.nn.functional.cross_entropy(forward(images), labels).backward()
             optimizer.step()
     else:
-        model.eval()
-        if mode == "fused":
-            model.reparameterize()
-
         def step():
             with torch.no_grad():
-                model(images)
-    step()  # warm-up
-    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+                forward(images)
+    step()  # warm-up (and the compilation)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=shapes) as profiler:
         step()
-    return profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+    return profiler.key_averages(group_by_input_shape=shapes).table(
+        sort_by="self_cpu_time_total", row_limit=rows, max_shapes_column_width=60)
 
 
 def saved_activations(model: torch.nn.Module) -> Counter:
@@ -76,6 +80,10 @@ def main() -> None:
     parser.add_argument("model", help="a timm model name")
     parser.add_argument("--mode", choices=["train", "eval", "fused", "saved"], default="train")
     parser.add_argument("--rows", type=int, default=15)
+    parser.add_argument("--compile", action="store_true",
+                        help="profile the torch.compile'd model (train, eval, fused)")
+    parser.add_argument("--shapes", action="store_true",
+                        help="one row per operator and input shapes")
     parser.add_argument("--keep-activations", action="store_true",
                         help="AttentionViG without its activation recomputation")
     args = parser.parse_args()
@@ -84,7 +92,7 @@ def main() -> None:
     if args.keep_activations:
         model.set_activation_recompute(False)
     if args.mode != "saved":
-        print(operator_table(model, args.mode, args.rows))
+        print(operator_table(model, args.mode, args.rows, args.compile, args.shapes))
         return
     by_part = saved_activations(model)
     print(f"{args.model}: {sum(by_part.values()):.0f} MiB of activations kept for backward "

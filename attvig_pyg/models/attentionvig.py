@@ -384,10 +384,9 @@ class AttentionViG(nn.Module):
         """Whether the inverted residuals and the Graphers' FFNs recompute activations in
         backward instead of keeping them (default on; the gradients and BatchNorm statistics
         are the plain path's bit for bit). In the first two stages, whose maps are large and
-        channels few, a block's 1x1 and depthwise convs are memory-bound and cheap to run
-        twice: the whole branch keeps only its input. In the last two the 1x1 convs are
-        compute-bound: only the BatchNorms, GELUs and depthwise conv between a branch's first
-        and last conv run again. The aggregation is always recomputed. Unlike
+        channels few, a block's 1x1 and depthwise convs are cheap to run twice: the whole
+        branch keeps only its input. In the last two the 1x1 convs are compute-bound: only the
+        BatchNorms, GELUs and depthwise conv between a branch's first and last conv run again. The aggregation is always recomputed. Unlike
         :meth:`set_grad_checkpointing` the token mixers, stem and downsampling convs run once.
         docs/benchmarks.md has what each choice costs and saves."""
         for index, stage in enumerate(self.stages):
