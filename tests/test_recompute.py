@@ -94,3 +94,17 @@ def test_without_gradients_nothing_is_wrapped():
     with torch.no_grad():
         out = recompute_in_backward(layers, torch.randn(2, 3), layers)
     assert out.grad_fn is None
+
+
+@pytest.mark.parametrize("aggregator, most", [("cross_attn", 2.5), ("max_relative", 6.5)])
+def test_a_recomputing_grapher_keeps_only_the_aggregations_input(aggregator, most):
+    from attvig_pyg.models.attentionvig import GraphMixer
+    mixer = GraphMixer(16, aggregator=aggregator).train()
+    x = torch.randn(2, 16, 14, 14)
+    kept = {}
+    for recompute in (False, True):
+        mixer.recompute = recompute
+        kept[recompute] = saved_bytes(lambda: mixer(x).sum(), mixer) / (x.numel() * 4)
+    # In units of x: the position encoding keeps x, the aggregation its input (max-relative:
+    # also the 1x1 conv + BN around it, 4 more); the aggregation's intermediates (dozens) go.
+    assert kept[True] <= most < 3 * most < kept[False], kept

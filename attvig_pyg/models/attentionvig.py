@@ -11,7 +11,6 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, calculate_drop_path_rates, trunc_normal_
@@ -112,6 +111,7 @@ class GraphMixer(nn.Module):
                              f"{', '.join(AGGREGATORS)})")
         self.graph = graph
         self.aggregator = aggregator
+        self.recompute = False  # the aggregation in backward: AttentionViG.set_activation_recompute
         self.k = None if k is None else as_pair(k, "k")
         self.knn_k = knn_k
         self.knn_dilation = knn_dilation
@@ -172,10 +172,11 @@ class GraphMixer(nn.Module):
         batch_size, channels, height, width = x.shape
         nodes = x.permute(0, 2, 3, 1).reshape(-1, channels)
         graph = self.build(x.detach())
-        if self.training and torch.is_grad_enabled():
-            # The aggregation's intermediates (gathered blocks, scores, weights) are large and
-            # cheap to recompute: keep only its inputs and recompute it in backward.
-            out = checkpoint(self.conv, nodes, graph, use_reentrant=False)
+        if self.recompute and self.training:
+            # The aggregation's intermediates (gathered blocks, scores, weights) are large:
+            # keep only its input and run it again in backward (without moving the max-relative
+            # conv's BatchNorm statistics a second time, as torch.utils.checkpoint would).
+            out = recompute_in_backward(lambda n: self.conv(n, graph), nodes, self.conv)
         else:
             out = self.conv(nodes, graph)
         return self.fc2(out.view(batch_size, height, width, channels).permute(0, 3, 1, 2))
@@ -381,18 +382,22 @@ class AttentionViG(nn.Module):
         return fuse_batchnorm(self)
 
     def set_activation_recompute(self, enable: bool = True) -> "AttentionViG":
-        """Whether the inverted residuals and the Graphers' FFNs recompute activations in
-        backward instead of keeping them (default on; the gradients and BatchNorm statistics
-        are the plain path's bit for bit). In the first two stages, whose maps are large and
-        channels few, a block's 1x1 and depthwise convs are cheap to run twice: the whole
-        branch keeps only its input. In the last two the 1x1 convs are compute-bound: only the
-        BatchNorms, GELUs and depthwise conv between a branch's first and last conv run again. The aggregation is always recomputed. Unlike
-        :meth:`set_grad_checkpointing` the token mixers, stem and downsampling convs run once.
-        docs/benchmarks.md has what each choice costs and saves."""
+        """Whether the blocks recompute activations in backward instead of keeping them (default
+        on; the gradients and BatchNorm statistics are the plain path's bit for bit). In the
+        first two stages, whose maps are large and channels few, recomputing is about as fast
+        as keeping: each inverted residual's and FFN's whole branch keeps only its input, and
+        each Grapher's aggregation (gathered blocks, scores, weights) runs again. In the last
+        two the 1x1 convs are compute-bound and the aggregation is cheaper kept: only the
+        BatchNorms, GELUs and depthwise conv between a branch's first and last conv run again.
+        Unlike :meth:`set_grad_checkpointing` the stem, the downsampling convs and the
+        Graphers' position encodings run once. docs/benchmarks.md has what each choice costs
+        and saves."""
         for index, stage in enumerate(self.stages):
-            mode = ("branch" if index < 2 else "activations") if enable else None
+            early = enable and index < 2
             for block in stage.blocks:
-                block.recompute = mode
+                block.recompute = ("branch" if early else "activations") if enable else None
+                if isinstance(block, GrapherBlock):
+                    block.mixer.recompute = early
         return self
 
     # ---- cross-attention temperatures ----------------------------------------------------
