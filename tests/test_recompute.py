@@ -108,3 +108,10 @@ def test_a_recomputing_grapher_keeps_only_the_aggregations_input(aggregator, mos
     # In units of x: the position encoding keeps x, the aggregation its input (max-relative:
     # also the 1x1 conv + BN around it, 4 more); the aggregation's intermediates (dozens) go.
     assert kept[True] <= most < 3 * most < kept[False], kept
+
+
+def test_an_unknown_recompute_mode_is_named():
+    block = InvertedResidual(8).train()
+    block.recompute = "everything"
+    with pytest.raises(ValueError, match="Unknown recompute mode 'everything'"):
+        block(torch.randn(1, 8, 3, 3))

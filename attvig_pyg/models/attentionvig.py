@@ -42,6 +42,8 @@ def run_branch(branch: nn.Sequential, x: Tensor, recompute: Optional[str]) -> Te
     backward, where the rest runs again (:mod:`attvig_pyg.models.recompute`): ``"branch"``
     keeps only ``x``; ``"activations"`` keeps the first conv's output and the last conv's input
     and recomputes the BatchNorms, GELUs and depthwise conv between them; ``None`` keeps all."""
+    if recompute is None:
+        return branch(x)
     if recompute == "branch":
         return recompute_in_backward(branch, x, branch)
     if recompute == "activations":
@@ -51,7 +53,8 @@ def run_branch(branch: nn.Sequential, x: Tensor, recompute: Optional[str]) -> Te
                 h = layer(h)
             return h
         return branch[-1](recompute_in_backward(between, branch[0][0](x), branch))
-    return branch(x)
+    raise ValueError(f"Unknown recompute mode {recompute!r} (expected 'branch', "
+                     "'activations' or None)")
 
 
 class Stem(nn.Sequential):
@@ -395,7 +398,7 @@ class AttentionViG(nn.Module):
         for index, stage in enumerate(self.stages):
             early = enable and index < 2
             for block in stage.blocks:
-                block.recompute = ("branch" if early else "activations") if enable else None
+                block.recompute = None if not enable else "branch" if early else "activations"
                 if isinstance(block, GrapherBlock):
                     block.mixer.recompute = early
         return self
