@@ -19,6 +19,7 @@ from typing import Dict
 
 import torch
 
+import allocator
 from benchmarking import (environment, markdown_table, measure, multiply_adds, run_isolated,
                           update_section, worker_output)
 
@@ -26,12 +27,16 @@ from benchmarking import (environment, markdown_table, measure, multiply_adds, r
 # inference: reparameterize() / timm's reparameterize_model), "compiled" (torch.compile; its
 # first step is timed apart), "channels_last" (model and input), "keep_activations" (AttentionViG
 # without its activation recomputation), "maxrel_dagc" (AttentionViG's skeleton with GreedyViG's
-# max-relative Grapher on DAGC graphs).
-INFERENCE = ["resnet50", "resnet50+channels_last", "efficientformerv2_s2", "fastvit_sa12+fused",
-             "attentionvig_s", "attentionvig_s+fused", "attentionvig_s+fused+compiled",
-             "attentionvig_s+maxrel_dagc+fused", "attentionvig_m+fused", "attentionvig_b+fused"]
-TRAIN = ["resnet50", "resnet50+channels_last", "efficientformerv2_s2", "fastvit_sa12",
-         "attentionvig_s", "attentionvig_s+keep_activations", "attentionvig_s+compiled",
+# max-relative Grapher on DAGC graphs), "default_malloc" (the process with glibc's default
+# allocator instead of allocator.FAST).
+INFERENCE = ["resnet50", "resnet50+channels_last", "resnet50+default_malloc",
+             "efficientformerv2_s2", "fastvit_sa12+fused", "attentionvig_s",
+             "attentionvig_s+fused", "attentionvig_s+fused+default_malloc",
+             "attentionvig_s+fused+compiled", "attentionvig_s+maxrel_dagc+fused",
+             "attentionvig_m+fused", "attentionvig_b+fused"]
+TRAIN = ["resnet50", "resnet50+channels_last", "resnet50+default_malloc", "efficientformerv2_s2",
+         "fastvit_sa12", "attentionvig_s", "attentionvig_s+default_malloc",
+         "attentionvig_s+keep_activations", "attentionvig_s+compiled",
          "attentionvig_s+maxrel_dagc", "attentionvig_m", "attentionvig_b"]
 PEER = "resnet50"
 # Classification sizes, then the detection and segmentation inputs (Mask R-CNN 800x1216 and
@@ -117,10 +122,11 @@ def measure_all(runs, rounds: int, repeats: int) -> Dict:
     best = {}
     for round_number in range(rounds):
         for run in runs:
-            result = run_isolated(Path(__file__), [*run, "--repeats", str(repeats)])
+            malloc = {} if "default_malloc" in run[1].split("+") else allocator.FAST
+            result = run_isolated(Path(__file__), [*run, "--repeats", str(repeats)], malloc)
             if run[0] == "train":
                 result["live_mib"] = run_isolated(Path(__file__), [*run, "--repeats", "1"],
-                                                  live_memory=True)["peak_mib"]
+                                                  allocator.LIVE)["peak_mib"]
             print(f"round {round_number + 1}/{rounds} {run}: {result['images_per_s']:.1f} img/s, "
                   f"{result['peak_mib']:.0f} MiB, live {result.get('live_mib', 0):.0f} MiB",
                   flush=True)
@@ -142,22 +148,24 @@ def models_section(best: Dict, args) -> str:
     def compiled(result):
         return f"{result['first_step_s']:.0f}" if "first_step_s" in result else ""
 
+    def speed(result, peer, variant):  # throughput, and multiply-adds per second, vs the peer
+        ratio = result["images_per_s"] / peer["images_per_s"]
+        return [f"{result['images_per_s']:.1f}", f"{ratio:.2f}x",
+                f"{ratio * sizes[base(variant)][1] / sizes[PEER][1]:.2f}x"]
+
     peer = best[("inference", PEER, "224x224")]
     inference_rows = []
     for variant in INFERENCE:
         result = best[("inference", variant, "224x224")]
         params, macs = sizes[base(variant)]
         inference_rows.append([variant, f"{params / 1e6:.2f}", f"{macs / 1e9:.2f}",
-                               f"{result['images_per_s']:.1f}",
-                               f"{result['images_per_s'] / peer['images_per_s']:.2f}x",
-                               compiled(result)])
+                               *speed(result, peer, variant), compiled(result)])
     peer = best[("train", PEER, "224x224")]
     train_rows = []
     for variant in TRAIN:
         result = best[("train", variant, "224x224")]
         train_rows.append([variant, f"{sizes[base(variant)][1] / 1e9:.2f}",
-                           f"{result['images_per_s']:.1f}",
-                           f"{result['images_per_s'] / peer['images_per_s']:.2f}x",
+                           *speed(result, peer, variant),
                            f"{result['peak_mib']:.0f}",
                            f"{result['peak_mib'] / peer['peak_mib']:.2f}x",
                            f"{result['live_mib']:.0f}",
@@ -179,16 +187,23 @@ def models_section(best: Dict, args) -> str:
         "(AttentionViG computes in it anyway), `+keep_activations` AttentionViG without its "
         "activation recomputation, `+maxrel_dagc` AttentionViG's skeleton with GreedyViG-S's "
         "max-relative Grapher on DAGC graphs. MACs: `FlopCounterMode` total / 2, eval, batch 1, "
-        "224 px, unfused. Training step: forward, cross-entropy, backward, AdamW step "
-        "(torch's fused kernel, for every model). Memory, two ways, each in its own fresh "
-        "process: 'peak MiB', the peak RSS of one training step minus the RSS before it (after "
-        "a warm-up step), with glibc's default allocator; 'live MiB', the same with glibc "
-        "returning every freed block larger than 64 KiB at once, so that it is the peak of the "
-        "memory in use (benchmarking.py).\n\nInference, batch 16, 224 px:\n\n" + markdown_table(
-            ["variant", "params (M)", "MACs (G)", "img/s", "vs resnet50", "compile s"],
+        "224 px, unfused; 'MACs/s vs resnet50': the throughput ratio times the model's "
+        "multiply-adds over resnet50's, the rate at which it gets through its multiply-adds "
+        "against resnet50's rate. Training step: forward, cross-entropy, backward, AdamW step "
+        "(torch's fused kernel, for every model). Allocator: every process runs with glibc's "
+        "malloc set as the training programs set it (experiments/allocator.py: freed memory "
+        "kept for reuse instead of being mapped and faulted in anew), except `+default_malloc`, "
+        "glibc's defaults. Memory, two ways, each in its own fresh process: 'peak MiB', the "
+        "peak RSS of one training step minus the RSS before it (after a warm-up step and "
+        "`malloc_trim`), in the timing process; 'live MiB', the same with glibc returning "
+        "every freed block larger than 64 KiB at once, so that it is the peak of the memory in "
+        "use (benchmarking.py).\n\nInference, batch 16, 224 px:\n\n" + markdown_table(
+            ["variant", "params (M)", "MACs (G)", "img/s", "vs resnet50", "MACs/s vs resnet50",
+             "compile s"],
             inference_rows) +
         f"\n\nTraining step, batch {TRAIN_BATCH}, 224 px:\n\n" + markdown_table(
-            ["variant", "MACs (G)", "img/s", "vs resnet50", "peak MiB", "vs resnet50",
+            ["variant", "MACs (G)", "img/s", "vs resnet50", "MACs/s vs resnet50", "peak MiB",
+             "vs resnet50",
              "live MiB", "vs resnet50", "compile s"], train_rows) +
         "\n\nGradient checkpointing (timm's `set_grad_checkpointing()`), batch 8:\n\n" +
         markdown_table(["model", "train peak MiB", "with set_grad_checkpointing()", "train img/s",

@@ -7,12 +7,13 @@ included. Before that step, a warm-up step has run (one-time allocations: optimi
 kernel caches) and the memory it freed has been handed back to the system (``malloc_trim``), so
 that the measured step cannot hide in memory the allocator kept.
 
-That figure still depends on glibc's allocator: memory a step frees may stay resident and be
-reused or not, depending on the order of allocations. ``run_isolated(..., live_memory=True)``
-measures the memory alive instead: glibc's mmap threshold is fixed at 64 KiB, so every larger
-block is mapped when allocated and unmapped when freed, and the peak RSS is the peak of the
-memory in use. Each page is then faulted in anew on every allocation, so that process's times
-are not comparable and only its memory is used.
+Workers run with the allocator the training programs use (``allocator.FAST``: freed memory
+stays in the heap for reuse), so that timings leave out the kernel's page faults; the peak RSS then includes
+what the heap keeps of freed blocks. ``run_isolated(..., malloc=allocator.LIVE)`` measures the
+memory alive instead: every block over 64 KiB is mapped when allocated and unmapped when freed,
+so the peak RSS is the peak of the memory in use. Each page is then faulted in anew on every
+allocation, so that process's times are not comparable and only its memory is used.
+``malloc={}`` gives glibc's defaults.
 """
 import ctypes
 import gc
@@ -27,6 +28,7 @@ from typing import Callable, Dict, List
 
 import torch
 
+import allocator
 from attvig_pyg.models.complexity import multiply_adds  # noqa: F401  (the programs' MAC count)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,12 +59,14 @@ def measure(step: Callable[[], None], repeats: int) -> Dict[str, float]:
     return {"time_s": min(times), "peak_mib": (peak - before) / 1024}
 
 
-def run_isolated(script: Path, args: List[str], live_memory: bool = False) -> Dict[str, float]:
-    """Runs ``script --worker ARGS`` in a fresh interpreter and returns the JSON it prints last
-    (``live_memory``: with glibc returning every freed block at once; see above)."""
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(64 * 1024)) if live_memory else None
+def run_isolated(script: Path, args: List[str],
+                 malloc: Dict[str, int] = allocator.FAST) -> Dict[str, float]:
+    """Runs ``script --worker ARGS`` in a fresh interpreter, its allocator set up with
+    ``malloc`` (allocator.py; see above), and returns the JSON it prints last."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("MALLOC_")}
     result = subprocess.run([sys.executable, str(script), "--worker", *args],
-                            capture_output=True, text=True, check=False, env=env)
+                            capture_output=True, text=True, check=False,
+                            env=dict(env, **allocator.environment(malloc)))
     if result.returncode != 0:
         raise RuntimeError(f"worker {args} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])

@@ -40,6 +40,7 @@ from timm.utils import (ModelEmaV3, dispatch_clip_grad, distribute_bn, init_dist
                         is_distributed_env, random_seed, setup_default_logging, unwrap_model,
                         update_summary)
 
+import allocator
 import attvig_pyg.models  # noqa: F401  (registers the models with timm)
 from attvig_pyg.models.fusion import fuse_batchnorm
 
@@ -928,6 +929,8 @@ def _train(program: str, args, world: Distributed, output: Path, saved: Optional
                     lock.stale.get("pid"), lock.stale.get("host"), lock.stale.get("started"))
     log.info("command: %s", " ".join(sys.argv))
     log.info("output: %s; %d process(es) on %s", output, world.world_size, world.device)
+    if not allocator.apply(allocator.FAST):  # freed memory reused, not faulted in anew
+        log.info("not glibc: the allocator keeps its own settings")
     random_seed(args.seed, world.rank)
     setup = build_run(args, world)
     run, sampler, train_loader, evaluation_loader = _prepare(program, args, world, setup)

@@ -3,6 +3,7 @@ is the most memory alive at once in it, even where glibc's default allocator kee
 resident."""
 import textwrap
 
+import allocator
 from benchmarking import ROOT, run_isolated
 
 WORKER = textwrap.dedent("""
@@ -28,5 +29,5 @@ def test_live_memory_is_the_peak_of_the_memory_alive(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER.format(experiments=str(ROOT / "experiments")))
     # (glibc's default allocator gives about 56 MiB here: the hole stays resident.)
-    live = run_isolated(script, [], live_memory=True)["peak_mib"]
+    live = run_isolated(script, [], allocator.LIVE)["peak_mib"]
     assert 39 < live < 44, live
