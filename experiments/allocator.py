@@ -1,10 +1,10 @@
-"""glibc's malloc settings for the programs: one for speed (training, evaluation and every
-benchmark's timing), one for measuring the memory in use.
+"""glibc's malloc settings for the programs: one for speed (training runs, profiles and
+every benchmark's timing), one for measuring the memory in use.
 
 With glibc's defaults a large freed block may go back to the system (unmapped, or trimmed off
 the top of the heap), and the next tensor of that size is then mapped anew: every page faulted
 in and zeroed by the kernel. On this project's 2-core machine that cost resnet50's inference at
-batch 16 about a third of its time (15-17 img/s against 23-25 with ``FAST``) and an
+batch 16 about a third of its time (15-17 img/s against 23-27 with ``FAST``) and an
 AttentionViG-S training step 60-160 thousand page faults, and it made single timings move by up
 to 15 % between fresh processes (docs/benchmarks.md). ``FAST`` never maps a block of its own
 and keeps up to 1 GiB of freed memory at the heap's top, so a step reuses the last step's

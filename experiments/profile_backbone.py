@@ -1,7 +1,8 @@
 """Where a timm model's CPU time and training memory go: the torch profiler's operator table for
 one step (training at batch 8, or inference at batch 16, optionally BatchNorm-fused), and the
 activations autograd keeps for backward during a training forward pass, by stage (distinct
-storages, parameters excluded). What docs/benchmarks.md's profile section quotes.
+storages, parameters excluded). What docs/benchmarks.md's profile section quotes. The process
+runs with glibc's malloc set as the training programs and benchmarks set it (allocator.py).
 
     python experiments/profile_backbone.py attentionvig_s --mode train [--rows 15]
     python experiments/profile_backbone.py attentionvig_s --mode train --compile
@@ -16,6 +17,7 @@ import timm
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+import allocator
 import attvig_pyg.models  # noqa: F401  (registers the models with timm)
 
 
@@ -87,6 +89,7 @@ def main() -> None:
     parser.add_argument("--keep-activations", action="store_true",
                         help="AttentionViG without its activation recomputation")
     args = parser.parse_args()
+    allocator.apply(allocator.FAST)
     torch.manual_seed(0)
     model = timm.create_model(args.model, num_classes=1000)
     if args.keep_activations:
