@@ -21,7 +21,7 @@ FAST = {"MMAP_MAX": 0, "TRIM_THRESHOLD": 2 ** 30}
 LIVE = {"MMAP_THRESHOLD": 64 * 2 ** 10}
 
 # mallopt's parameter numbers (malloc.h); the environment variables are MALLOC_<NAME>_.
-_MALLOPT = {"TRIM_THRESHOLD": -1, "TOP_PAD": -2, "MMAP_THRESHOLD": -3, "MMAP_MAX": -4}
+_MALLOPT = {"TRIM_THRESHOLD": -1, "MMAP_THRESHOLD": -3, "MMAP_MAX": -4}
 
 
 def environment(settings: Dict[str, int]) -> Dict[str, str]:

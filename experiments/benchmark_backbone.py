@@ -203,8 +203,7 @@ def models_section(best: Dict, args) -> str:
             inference_rows) +
         f"\n\nTraining step, batch {TRAIN_BATCH}, 224 px:\n\n" + markdown_table(
             ["variant", "MACs (G)", "img/s", "vs resnet50", "MACs/s vs resnet50", "peak MiB",
-             "vs resnet50",
-             "live MiB", "vs resnet50", "compile s"], train_rows) +
+             "vs resnet50", "live MiB", "vs resnet50", "compile s"], train_rows) +
         "\n\nGradient checkpointing (timm's `set_grad_checkpointing()`), batch 8:\n\n" +
         markdown_table(["model", "train peak MiB", "with set_grad_checkpointing()", "train img/s",
                         "with set_grad_checkpointing()"], checkpoint_rows))

@@ -8,12 +8,12 @@ kernel caches) and the memory it freed has been handed back to the system (``mal
 that the measured step cannot hide in memory the allocator kept.
 
 Workers run with the allocator the training programs use (``allocator.FAST``: freed memory
-stays in the heap for reuse), so that timings leave out the kernel's page faults; the peak RSS then includes
-what the heap keeps of freed blocks. ``run_isolated(..., malloc=allocator.LIVE)`` measures the
-memory alive instead: every block over 64 KiB is mapped when allocated and unmapped when freed,
-so the peak RSS is the peak of the memory in use. Each page is then faulted in anew on every
-allocation, so that process's times are not comparable and only its memory is used.
-``malloc={}`` gives glibc's defaults.
+stays in the heap for reuse), so that timings leave out the kernel's page faults; the peak RSS
+then includes what the heap keeps of freed blocks. ``run_isolated(..., malloc=allocator.LIVE)``
+measures the memory alive instead: every block over 64 KiB is mapped when allocated and
+unmapped when freed, so the peak RSS is the peak of the memory in use. Each page is then
+faulted in anew on every allocation, so that process's times are not comparable and only its
+memory is used. ``malloc={}`` gives glibc's defaults.
 """
 import ctypes
 import gc
