@@ -135,7 +135,9 @@ def main() -> None:
             "FPN (256 channels); each detector's transform resizes to the task's input size. "
             "Training: RPN, box and mask losses of 8 boxes per image, backward, AdamW step "
             "(fused kernel). "
-            "Memory: peak RSS of one step minus the RSS before it.\n\n"
+            "Every process with the training programs' allocator setting "
+            "(experiments/allocator.py). Memory: peak RSS of one step minus the RSS before it."
+            "\n\n"
             + table)
     update_section("Mask R-CNN: AttentionViG-S FPN against resnet50-FPN", body)
     print(table)
