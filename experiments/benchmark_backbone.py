@@ -231,7 +231,8 @@ def scaling_section(best: Dict, args) -> str:
     return (
         f"Command: `{command.strip()}` ({environment()}; eager, unfused, untrained weights; "
         f"best of {args.rounds} interleaved rounds x {args.repeats} steps, each in a fresh "
-        "process). Inference, batch 1; MACs include the cross-attention's shifted products "
+        "process, with the training programs' allocator setting, experiments/allocator.py). "
+        "Inference, batch 1; MACs include the cross-attention's shifted products "
         "(attvig_pyg.models.complexity.multiply_adds); features: `features_only=True` models, "
         "all four stages, "
         "against timm's resnet50.\n\n" + markdown_table(
