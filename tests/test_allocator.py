@@ -1,8 +1,6 @@
 """experiments/allocator.py: under FAST a freed block is reused without a page fault, whether
 the settings come from the environment (benchmark workers) or from apply() (the engine);
 glibc's defaults and LIVE map a 64 MiB block anew, faulting in every page."""
-import os
-import subprocess
 import sys
 import textwrap
 
@@ -10,7 +8,7 @@ import pytest
 
 import allocator
 import imagenet
-from benchmarking import ROOT
+from benchmarking import ROOT, run_isolated
 
 # Page faults of a second allocation of 64 MiB (above glibc's largest dynamic mmap threshold,
 # 32 MiB), every page written, after the first was written and freed.
@@ -18,7 +16,8 @@ WORKER = textwrap.dedent("""
     import resource, sys
     sys.path.insert(0, {experiments!r})
     import allocator
-    if sys.argv[1] == "apply":
+    from benchmarking import worker_output
+    if sys.argv[2] == "apply":  # argv: --worker MODE
         assert allocator.apply(allocator.FAST)
     size = 64 * 2 ** 20
 
@@ -30,7 +29,7 @@ WORKER = textwrap.dedent("""
     touch()  # written, then freed
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     block = touch()
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    worker_output({{"faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before}})
 """)
 PAGES = 64 * 2 ** 20 // 4096
 
@@ -38,10 +37,7 @@ PAGES = 64 * 2 ** 20 // 4096
 def faults(tmp_path, malloc, mode="env"):
     script = tmp_path / "worker.py"
     script.write_text(WORKER.format(experiments=str(ROOT / "experiments")))
-    env = {key: value for key, value in os.environ.items() if not key.startswith("MALLOC_")}
-    result = subprocess.run([sys.executable, str(script), mode], capture_output=True, text=True,
-                            check=True, env=dict(env, **allocator.environment(malloc)))
-    return int(result.stdout.strip())
+    return run_isolated(script, [mode], malloc)["faults"]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")

@@ -387,14 +387,15 @@ class AttentionViG(nn.Module):
     def set_activation_recompute(self, enable: bool = True) -> "AttentionViG":
         """Whether the blocks recompute activations in backward instead of keeping them (default
         on; the gradients and BatchNorm statistics are the plain path's bit for bit). In the
-        first two stages, whose maps are large and channels few, recomputing is about as fast
-        as keeping: each inverted residual's and FFN's whole branch keeps only its input, and
-        each Grapher's aggregation (gathered blocks, scores, weights) runs again. In the last
+        first two stages, whose maps are large and channels few and where most of the memory
+        lies, each inverted residual's and FFN's whole branch keeps only its input, and each
+        Grapher's aggregation (gathered blocks, scores, weights) runs again. In the last
         two the 1x1 convs are compute-bound and the aggregation is cheaper kept: only the
         BatchNorms, GELUs and depthwise conv between a branch's first and last conv run again.
         Unlike :meth:`set_grad_checkpointing` the stem, the downsampling convs and the
-        Graphers' position encodings run once. docs/benchmarks.md has what each choice costs
-        and saves."""
+        Graphers' position encodings run once. It costs AttentionViG-S about a fifth of its
+        training step on the CPU for a quarter of the memory; docs/benchmarks.md has what each
+        choice costs and saves."""
         for index, stage in enumerate(self.stages):
             early = enable and index < 2
             for block in stage.blocks:
