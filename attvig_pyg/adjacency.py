@@ -2,7 +2,7 @@ r"""A graph whose nodes sit in cycles and receive from the nodes a fixed number 
 them: the structured adjacency that the SVGA and DAGC builders produce and that
 :class:`attvig_pyg.nn.CrossAttnConv` aggregates with dense per-offset tensor operations, at a
 cost proportional to the number of candidate edges."""
-from dataclasses import dataclass
+from dataclasses import InitVar, dataclass
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -99,7 +99,11 @@ class CyclicNeighbours:
         position = torch.arange(length, device=self.cycles.device)
         if self.offsets is None:
             return position.view(1, -1).expand(length, -1)
-        offsets = torch.tensor(self.offsets, dtype=torch.long, device=self.cycles.device)
+        first, count = self.offsets[0] if self.offsets else 0, len(self.offsets)
+        if self.offsets == tuple(range(first, first + count)):  # the builders' offsets: made on
+            offsets = torch.arange(first, first + count, device=self.cycles.device)  # the device
+        else:
+            offsets = torch.tensor(self.offsets, dtype=torch.long, device=self.cycles.device)
         return (position.view(-1, 1) - offsets.view(1, -1)) % max(length, 1)
 
     def sources(self) -> Tensor:
@@ -121,15 +125,20 @@ class CyclicAdjacency:
     :class:`~attvig_pyg.nn.CrossAttnConv` returns, is part by part, then row-major over
     :obj:`[num_cycles, T, len(offsets)]`, skipping masked candidates.
 
-    Construction checks every invariant (shapes, dtypes, node ids in range), except the node ids
-    while :func:`torch.compile` traces (a data-dependent check). The graph builders cache their
-    adjacencies: do not modify one in place.
+    Construction checks every invariant: the structure (shapes, dtypes, devices) always, the node
+    ids (:meth:`validate`, which reads values and so waits for an accelerator) unless
+    :obj:`check_invariants=False`, as :func:`torch.sparse_csr_tensor` has it. The graph
+    builders make their adjacencies correct by construction (their tests prove it) and pass
+    :obj:`False`; :meth:`with_masks` keeps the validity of the parts it reuses. Nothing is
+    checked again when a conv receives one. The builders cache their adjacencies: do not
+    modify one in place.
     """
 
     parts: Tuple[CyclicNeighbours, ...]
     num_nodes: int
+    check_invariants: InitVar[bool] = True
 
-    def __post_init__(self):
+    def __post_init__(self, check_invariants: bool):
         self.parts = tuple(self.parts)
         if not all(isinstance(part, CyclicNeighbours) for part in self.parts):
             raise TypeError("Expected 'parts' as CyclicNeighbours")
@@ -140,8 +149,13 @@ class CyclicAdjacency:
             raise ValueError(f"Expected 'num_nodes' as an int >= 0 (got {self.num_nodes!r})")
         if len({part.cycles.device for part in self.parts}) > 1:
             raise ValueError("Every part of a CyclicAdjacency must be on one device")
-        if torch.compiler.is_compiling():
-            return
+        if check_invariants and not torch.compiler.is_compiling():
+            self.validate()
+
+    def validate(self) -> "CyclicAdjacency":
+        """Raises unless every node id lies in ``[0, num_nodes)`` and every part with an
+        ``inverse`` is a permutation of the nodes; returns the adjacency. Reads values: on an
+        accelerator it waits for the device."""
         for part in self.parts:
             if part.cycles.numel() and (int(part.cycles.min()) < 0 or
                                         int(part.cycles.max()) >= self.num_nodes):
@@ -154,6 +168,7 @@ class CyclicAdjacency:
                         torch.arange(self.num_nodes, device=part.inverse.device))):
                 raise ValueError("A CyclicAdjacency part has an 'inverse' but its cycles are not "
                                  f"a permutation of the {self.num_nodes} nodes")
+        return self
 
     @property
     def device(self) -> torch.device:
@@ -161,12 +176,13 @@ class CyclicAdjacency:
 
     def with_masks(self, masks: Sequence[Optional[Tensor]]) -> "CyclicAdjacency":
         """The same candidates with other masks, one per part (a dynamic graph over a static
-        candidate set: DAGC)."""
+        candidate set: DAGC). The node ids are this adjacency's, already checked: only the masks'
+        shapes and dtypes are."""
         if len(masks) != len(self.parts):
             raise ValueError(f"Expected {len(self.parts)} masks, one per part (got {len(masks)})")
         parts = tuple(CyclicNeighbours(part.cycles, part.offsets, mask, part.inverse)
                       for part, mask in zip(self.parts, masks))
-        return CyclicAdjacency(parts, self.num_nodes)
+        return CyclicAdjacency(parts, self.num_nodes, check_invariants=False)
 
     def num_edges(self) -> int:
         return sum(part.num_candidates if part.mask is None else int(part.edge_mask().sum())
@@ -181,17 +197,26 @@ class CyclicAdjacency:
         candidates = self.num_candidates()
         return self.num_edges() / candidates if candidates else 1.0
 
-    def to_edge_index(self) -> Tensor:
-        """The edges as a :obj:`[2, num_edges]` tensor (row 0 sends, row 1 receives), in the
-        order documented above."""
-        edges = [torch.empty(2, 0, dtype=torch.long, device=self.device)]
+    def candidate_edges(self) -> Tuple[Tensor, Optional[Tensor]]:
+        """Every candidate as an edge, :obj:`[2, num_candidates]` (row 0 sends, row 1
+        receives), and which are edges, :obj:`[num_candidates]` (:obj:`None`: all): sizes
+        that do not depend on the masks' values, so that nothing waits for an accelerator."""
+        edges, masks = [torch.empty(2, 0, dtype=torch.long, device=self.device)], []
         for part in self.parts:
             sources = part.sources()
             targets = part.cycles.unsqueeze(-1).expand_as(sources)
-            if part.mask is not None:
-                sources, targets = sources[part.edge_mask()], targets[part.edge_mask()]
             edges.append(torch.stack([sources.reshape(-1), targets.reshape(-1)]))
-        return torch.cat(edges, dim=1)
+            masks.append(part.edge_mask().reshape(-1) if part.mask is not None else
+                         torch.ones(sources.numel(), dtype=torch.bool, device=self.device))
+        masked = any(part.mask is not None for part in self.parts)
+        return torch.cat(edges, dim=1), torch.cat(masks) if masked else None
+
+    def to_edge_index(self) -> Tensor:
+        """The edges as a :obj:`[2, num_edges]` tensor (row 0 sends, row 1 receives), in the
+        order documented above. With masks, its size depends on their values (on an
+        accelerator, the host waits for them)."""
+        edges, mask = self.candidate_edges()
+        return edges if mask is None else edges[:, mask]
 
     def __repr__(self) -> str:
         parts = ", ".join(f"{tuple(p.cycles.shape)} x "

@@ -84,3 +84,35 @@ def test_graph_corruption_reaches_every_grapher():
     assert not torch.allclose(clean(x), noisy(x))  # same weights, another graph
     with pytest.raises(ValueError, match="corrupts kNN graphs"):
         timm.create_model("vig_ti", graph="svga", graph_corruption=0.5)
+
+
+@pytest.mark.parametrize("aggregator", ["gin", "sage", "edge", "max_relative"])
+def test_pyg_convs_on_the_masked_cyclic_graph_equal_the_edge_list(aggregator):
+    """DAGC reaches the harness's convs in its cyclic form, every candidate an edge and the
+    masked ones made neutral (no edge list whose size depends on the masks): outputs, gradients
+    and BatchNorm statistics equal the edge list's."""
+    from attvig_pyg.graphs import build_graph
+    from attvig_pyg.models.vig import GraphConv
+    torch.manual_seed(0)
+    feature_map = torch.randn(2, 16, 8, 8, dtype=torch.float64)
+    cyclic = build_graph("dagc", feature_map, k=2, self_loops=True, cyclic=True)
+    assert cyclic.density() < 1  # some candidates masked
+    x = feature_map.permute(0, 2, 3, 1).reshape(-1, 16)
+    weights = torch.randn(128, 16 if aggregator == "cross_attn" else 32, dtype=torch.float64)
+    results = []
+    for graph in (cyclic, cyclic.to_edge_index()):
+        torch.manual_seed(1)
+        conv = GraphConv(aggregator, 16).double().train()
+        inputs = x.clone().requires_grad_(True)
+        out = conv(inputs, graph)
+        (out * weights).sum().backward()
+        results.append((out, inputs.grad, {n: p.grad for n, p in conv.named_parameters()},
+                        {n: b.clone() for n, b in conv.named_buffers()}))
+    (out, grad, params, buffers), (out_ref, grad_ref, params_ref, buffers_ref) = results
+    torch.testing.assert_close(out, out_ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(grad, grad_ref, rtol=1e-10, atol=1e-10)
+    for name in params_ref:
+        torch.testing.assert_close(params[name], params_ref[name], rtol=1e-9, atol=1e-9,
+                                   msg=name)
+    for name in buffers_ref:
+        torch.testing.assert_close(buffers[name], buffers_ref[name], msg=name)

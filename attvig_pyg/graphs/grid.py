@@ -57,7 +57,8 @@ def as_feature_map(x: Tensor, grid_size: Optional[Tuple[int, int]] = None) -> Te
                      f"(got a tensor of shape {tuple(x.shape)} and grid_size={grid_size})")
 
 
-def axis_cycles(length: int, step: int, self_loops: bool) -> Tuple[Tensor, Tuple[int, ...]]:
+def axis_cycles(length: int, step: int, self_loops: bool,
+                device: Optional[torch.device] = None) -> Tuple[Tensor, Tuple[int, ...]]:
     """The candidates along one axis of a cyclic grid, as cycles and offsets.
 
     Position p receives from ``(p - s) mod length`` for ``s = step, 2 * step, ... < length``
@@ -67,18 +68,19 @@ def axis_cycles(length: int, step: int, self_loops: bool) -> Tuple[Tensor, Tuple
     Returns ``cycles [g, length // g]`` and the offsets (0 first for the self-loop).
     """
     groups = math.gcd(length, step)
-    cycles = (torch.arange(groups).view(-1, 1) +
-              torch.arange(length // groups).view(1, -1) * step) % length
+    cycles = (torch.arange(groups, device=device).view(-1, 1) +
+              torch.arange(length // groups, device=device).view(1, -1) * step) % length
     offsets = tuple(range(0 if self_loops else 1, len(range(step, length, step)) + 1))
     return cycles, offsets
 
 
-def axis_line(length: int, step: int, self_loops: bool) -> Tuple[Tensor, Tensor]:
+def axis_line(length: int, step: int, self_loops: bool,
+              device: Optional[torch.device] = None) -> Tuple[Tensor, Tensor]:
     """The candidates of :func:`axis_cycles` as one line of ``length`` positions and a
     ``[1, length, length]`` mask, computed with tensor operations alone: position p receives
     from u where ``(p - u) mod length`` is a positive multiple of ``step`` (or zero, with
     ``self_loops``). The form for sizes that are symbolic while torch.export traces."""
-    position = torch.arange(length)
+    position = torch.arange(length, device=device)
     # (The divisors as tensors: ONNX's exporter takes no symbolic scalar divisor.)
     behind = (position.view(-1, 1) - position.view(1, -1)) % position.new_full((), length)
     mask = behind % position.new_full((), step) == 0
@@ -106,22 +108,22 @@ def axial_parts(batch_size: int, height: int, width: int, steps: Tuple[int, int]
     if lines is None:
         lines = is_symbolic(height, width, *steps)
     if lines:
-        along_h, mask_h = axis_line(height, steps[0], self_loops)
-        along_w, mask_w = axis_line(width, steps[1], False)
+        along_h, mask_h = axis_line(height, steps[0], self_loops, device)
+        along_w, mask_w = axis_line(width, steps[1], False, device)
         offsets_h = offsets_w = None
     else:
-        (along_h, offsets_h), (along_w, offsets_w) = (axis_cycles(height, steps[0], self_loops),
-                                                      axis_cycles(width, steps[1], False))
+        (along_h, offsets_h), (along_w, offsets_w) = (
+            axis_cycles(height, steps[0], self_loops, device),
+            axis_cycles(width, steps[1], False, device))
         mask_h = mask_w = None
-    image = torch.arange(batch_size).view(-1, 1, 1, 1) * (height * width)
+    # Made on the device itself: nothing is copied from the host.
+    image = torch.arange(batch_size, device=device).view(-1, 1, 1, 1) * (height * width)
     # Column cycles, ordered (image, column, cycle): node b*H*W + h*W + w for h along the cycle.
     columns = image + along_h.view(1, 1, *along_h.shape) * width + \
-        torch.arange(width).view(1, -1, 1, 1)
+        torch.arange(width, device=device).view(1, -1, 1, 1)
     # Row cycles, ordered (image, row, cycle): node b*H*W + h*W + w for w along the cycle.
-    rows = image + torch.arange(height).view(1, -1, 1, 1) * width + \
+    rows = image + torch.arange(height, device=device).view(1, -1, 1, 1) * width + \
         along_w.view(1, 1, *along_w.shape)
     # Each part holds every node once: permutations.
-    return (CyclicNeighbours.permutation(columns.flatten(0, 2).to(device), offsets_h,
-                                         None if mask_h is None else mask_h.to(device)),
-            CyclicNeighbours.permutation(rows.flatten(0, 2).to(device), offsets_w,
-                                         None if mask_w is None else mask_w.to(device)))
+    return (CyclicNeighbours.permutation(columns.flatten(0, 2), offsets_h, mask_h),
+            CyclicNeighbours.permutation(rows.flatten(0, 2), offsets_w, mask_w))

@@ -160,14 +160,14 @@ class GraphMixer(nn.Module):
         return k, dilation
 
     def build(self, x: Tensor):
-        """The graph over the nodes of feature map ``x`` in the form the aggregator takes."""
+        """The graph over the nodes of feature map ``x``: an EdgeIndex (kNN) or the cyclic form
+        (SVGA, DAGC), which both aggregators compute on without an edge list."""
         height, width = x.shape[-2:]
-        self_loops = self.aggregator == "max_relative"
         if self.graph == "knn":
             k, dilation = self.knn_params(height, width)
             return build_graph("knn", x, k=k, dilation=dilation)
-        return build_graph(self.graph, x, k=self.shift(height, width), self_loops=self_loops,
-                           cyclic=self.aggregator == "cross_attn")
+        return build_graph(self.graph, x, k=self.shift(height, width),
+                           self_loops=self.aggregator == "max_relative", cyclic=True)
 
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.cpe(x)

@@ -19,6 +19,7 @@ from timm.models import (build_model_with_cfg, checkpoint_seq, generate_default_
                          register_model)
 from torch_geometric.nn import EdgeConv, GINConv, SAGEConv
 
+from attvig_pyg.adjacency import CyclicAdjacency
 from attvig_pyg.graphs import GRAPH_POLICIES, build_graph
 from attvig_pyg.graphs.grid import default_steps
 from attvig_pyg.models.attentionvig import check_pool, run_taking, take_indices
@@ -65,8 +66,54 @@ class GraphConv(nn.Module):
         else:
             self.conv = CrossAttnConv(channels, channels, heads=heads)
 
-    def forward(self, x: Tensor, edge_index: Tensor) -> Tensor:
-        return self.post(self.conv(x, edge_index))
+    def forward(self, x: Tensor, graph: Union[Tensor, CyclicAdjacency]) -> Tensor:
+        if isinstance(graph, CyclicAdjacency) and self.aggregator in ("gin", "sage", "edge"):
+            return self.post(self._on_candidates(x, graph))
+        return self.post(self.conv(x, graph))
+
+    def _on_candidates(self, x: Tensor, graph: CyclicAdjacency) -> Tensor:
+        """A PyG conv on a masked cyclic graph (DAGC) without an edge list whose size depends
+        on the masks: every candidate is an edge, a masked one made neutral. For GIN's sum, an
+        edge from an extra node of zeros; for GraphSAGE's max, a second self-loop (the
+        harness's axial graphs give every node one, and a repeated value leaves a max as it
+        is); EdgeConv's messages are normalised over the edges, so its BatchNorm takes its
+        statistics over the kept candidates alone and the others are left out of the max."""
+        edge_index, mask = graph.candidate_edges()
+        if mask is None:
+            return self.conv(x, edge_index)
+        source, target = edge_index
+        if self.aggregator == "edge":  # EdgeConv: max_j nn([x_i, x_j - x_i])
+            linear, norm, act = self.conv.nn
+            at_target = x.index_select(0, target)
+            messages = linear(torch.cat([at_target, x.index_select(0, source) - at_target], -1))
+            messages = act(masked_batch_norm(messages, mask, norm))
+            messages = messages.masked_fill(~mask.unsqueeze(-1), float("-inf"))
+            # (A max started from -inf, not zeros: a maximum of exactly zero, which the
+            # symmetric DAGC graph makes common here, would share its gradient with the start.)
+            return x.new_full((x.size(0), messages.size(1)), float("-inf")).scatter_reduce(
+                0, target.view(-1, 1).expand_as(messages), messages, "amax")
+        if self.aggregator == "gin":
+            zeros = x.new_zeros(1, x.size(1))
+            source = torch.where(mask, source, x.size(0))
+            return self.conv((torch.cat([x, zeros]), x), torch.stack([source, target]))
+        return self.conv(x, torch.stack([torch.where(mask, source, target), target]))
+
+
+def masked_batch_norm(x: Tensor, mask: Tensor, norm: nn.BatchNorm1d) -> Tensor:
+    """``norm(x[mask])`` in the rows of ``mask`` (the others normalised alike, to be ignored),
+    with training statistics over those rows alone and without reading their count on the
+    host."""
+    if not norm.training:
+        return norm(x)
+    weight = mask.to(x.dtype).unsqueeze(-1)
+    count = weight.sum()
+    mean = (x * weight).sum(dim=0) / count
+    variance = ((x - mean).square() * weight).sum(dim=0) / count
+    with torch.no_grad():  # as BatchNorm1d: momentum, the unbiased variance
+        norm.running_mean.lerp_(mean, norm.momentum)
+        norm.running_var.lerp_(variance * count / (count - 1), norm.momentum)
+        norm.num_batches_tracked.add_(1)
+    return (x - mean) * torch.rsqrt(variance + norm.eps) * norm.weight + norm.bias
 
 
 class Grapher(nn.Module):
@@ -88,8 +135,11 @@ class Grapher(nn.Module):
                                corruption=self.corruption)
         height, width = x.shape[-2:]
         # Vision GNN's kNN counts a node among its neighbours; the axial graphs do the same here.
+        # The cyclic form where the conv takes it (and always for DAGC, whose edge list would
+        # have a size that depends on its masks); PyG's convs take SVGA's cached edge_index.
+        cyclic = self.graph == "dagc" or self.conv.aggregator in ("cross_attn", "max_relative")
         return build_graph(self.graph, x, k=default_steps(height, width), self_loops=True,
-                           cyclic=self.conv.aggregator == "cross_attn")
+                           cyclic=cyclic)
 
     def forward(self, x: Tensor) -> Tensor:
         shortcut = x

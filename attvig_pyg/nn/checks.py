@@ -1,8 +1,15 @@
 """Input checks shared by the convs: clear errors instead of a failed gather deep inside PyG;
-and inputs the convs must not modify."""
+and inputs the convs must not modify.
+
+What is checked where (docs/architecture.md, "Where inputs are checked"): shapes, dtypes and
+sizes on every call (they are metadata: free); node ids, which must be read from the tensor
+(on an accelerator the host then waits for the device), only where that costs nothing or was
+asked for."""
 import torch
 from torch import Tensor
 
+import torch_geometric
+from torch_geometric import EdgeIndex
 from torch_geometric.typing import SparseTensor
 from torch_geometric.utils import is_torch_sparse_tensor
 
@@ -27,8 +34,14 @@ def check_adjacency(edge_index, x_src: Tensor, x_dst: Tensor) -> None:
     ``edge_index[0]`` indexes the source nodes, ``edge_index[1]`` the target nodes; a sparse
     adjacency is the transposed one, of size ``[num_targets, num_sources]``; a
     :class:`~attvig_pyg.adjacency.CyclicAdjacency` joins the nodes of one set (its node ids were
-    checked when it was made). Node ids of an edge list are checked in eager mode only (a
-    data-dependent check).
+    checked when it was made, or it came from a builder).
+
+    The node ids of a plain ``edge_index`` are read and checked on the CPU (where reading them
+    costs no wait), and on an accelerator only under :func:`torch_geometric.debug` (as PyG's
+    own convs do); never while :func:`torch.compile` traces. An
+    :class:`~torch_geometric.EdgeIndex` carries its own contract (its sparse size is checked
+    here; its ids by :meth:`EdgeIndex.validate`, which its maker calls: the kNN builder's are
+    correct by construction).
     """
     num_src, num_dst = x_src.size(0), x_dst.size(0)
     if isinstance(edge_index, CyclicAdjacency):
@@ -54,7 +67,15 @@ def check_adjacency(edge_index, x_src: Tensor, x_dst: Tensor) -> None:
     if edge_index.is_floating_point() or edge_index.is_complex() or \
             edge_index.dtype == torch.bool:
         raise ValueError(f"Expected 'edge_index' of an integer dtype (got {edge_index.dtype})")
-    if edge_index.numel() == 0 or torch.compiler.is_compiling():
+    if isinstance(edge_index, EdgeIndex):
+        size = edge_index.sparse_size()
+        for row, name, count in ((0, "source", num_src), (1, "target", num_dst)):
+            if size[row] is not None and size[row] != count:
+                raise ValueError(f"The EdgeIndex has {size[row]} {name} nodes (its sparse "
+                                 f"size), but the {name} node features hold {count}")
+        return
+    if edge_index.numel() == 0 or torch.compiler.is_compiling() or (
+            edge_index.device.type != "cpu" and not torch_geometric.is_debug_enabled()):
         return
     for row, name, count in ((0, "source", num_src), (1, "target", num_dst)):
         low, high = int(edge_index[row].min()), int(edge_index[row].max())

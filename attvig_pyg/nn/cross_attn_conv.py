@@ -236,7 +236,11 @@ class CrossAttnConv(MessagePassing):
             edge_index (torch.Tensor, EdgeIndex, SparseTensor, torch.sparse.Tensor or
                 CyclicAdjacency): The edges (:obj:`edge_index[0]` sends to
                 :obj:`edge_index[1]`), the transposed sparse adjacency, or a cyclic adjacency
-                (homogeneous graphs only).
+                (homogeneous graphs only). The node ids of a plain :obj:`edge_index` are
+                checked on each call on the CPU (an :class:`IndexError` naming the id), on an
+                accelerator only under :func:`torch_geometric.debug` (reading them would make
+                the host wait for the device); an :class:`~torch_geometric.EdgeIndex` is
+                checked by its :meth:`validate`, a :class:`CyclicAdjacency` when it is made.
             edge_attr (torch.Tensor, optional): Edge features :obj:`[num_edges, edge_dim]` (with
                 :obj:`edge_dim`), in the order of the edges: the columns of an
                 :obj:`edge_index`; for a sparse adjacency, the order of its stored entries
@@ -266,7 +270,7 @@ class CrossAttnConv(MessagePassing):
                                                    self.normalize, self.dropout, self.training)
         else:
             size = (x_src.size(0), x_dst.size(0))
-            edges = EdgeList(*_source_target(edge_index), *size) if edge_emb is None and \
+            edges = _edge_list(edge_index, *size) if edge_emb is None and \
                 self._fuses(edge_index, value) else None
             if edges is not None:
                 alpha = attention_weights([gather_dot(query, key, edges).unsqueeze(-1)],
@@ -336,10 +340,11 @@ class CrossAttnConv(MessagePassing):
     def _fuses(self, edge_index: Adj, value: Tensor) -> bool:
         """Whether to use the fused kernels: where :meth:`propagate` calls
         :meth:`message_and_aggregate` by PyG's rule (:obj:`self.fuse`, no explainer, a sparse
-        adjacency or an EdgeIndex sorted by target), in eager mode and for the dtypes torch's
-        sparse kernels take."""
+        adjacency or an EdgeIndex sorted by target), in eager mode, for the dtypes torch's
+        sparse kernels take, on the CPU (where they were measured to win: elsewhere the
+        gather/scatter of PyG's convs, see docs/architecture.md)."""
         if not self.fuse or self.explain or torch.compiler.is_compiling() or \
-                value.dtype not in FUSED_DTYPES:
+                value.dtype not in FUSED_DTYPES or value.device.type != "cpu":
             return False
         return is_sparse(edge_index) or (isinstance(edge_index, EdgeIndex) and
                                          edge_index.is_sorted_by_col)
@@ -375,8 +380,18 @@ class CrossAttnConv(MessagePassing):
                 f"heads={self.heads}, normalize='{self.normalize}')")
 
 
+def _edge_list(edge_index: Adj, num_sources: int, num_targets: int) -> EdgeList:
+    """The fused kernels' view of a sparse adjacency or an EdgeIndex sorted by target (an
+    EdgeIndex gives its cached CSC pointer)."""
+    pointer = (edge_index.get_indptr() if isinstance(edge_index, EdgeIndex) and
+               edge_index.sparse_size(1) is not None else None)
+    return EdgeList(*_source_target(edge_index), num_sources, num_targets, pointer)
+
+
 def _source_target(edge_index: Adj) -> Tuple[Tensor, Tensor]:
     """Source and target ids of every edge, in the order PyG's propagate visits them."""
+    if isinstance(edge_index, EdgeIndex):
+        edge_index = edge_index.as_tensor()
     if isinstance(edge_index, Tensor) and not is_torch_sparse_tensor(edge_index):
         return edge_index[0].long(), edge_index[1].long()
     indices, _ = to_edge_index(edge_index)  # rows of the transposed adjacency are targets

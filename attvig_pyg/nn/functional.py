@@ -21,10 +21,13 @@ FUSED_DTYPES = (torch.float32, torch.float64)  # what torch's CSR kernels suppor
 def l2_normalize(x: Tensor, eps: float = 1e-12) -> Tensor:
     r"""Like :func:`torch.nn.functional.normalize` over the last dimension, but with the norm and
     the division in at least float32 whatever the input dtype (so that half precision keeps zero
-    vectors finite), cast back to the input dtype."""
+    vectors finite), cast back to the input dtype. At a zero vector the gradient is the incoming
+    one divided by the floor on the norm, so the floor is at least 64 / the dtype's largest
+    value: float16's gradients stay finite (a floor of 9.8e-4, float16's resolution; 1e-12 would
+    turn them into inf), every other dtype keeps ``eps``."""
     wide = x.to(torch.promote_types(x.dtype, torch.float32))
     norm = torch.linalg.vector_norm(wide, dim=-1, keepdim=True)
-    return (wide / norm.clamp_min(eps)).to(x.dtype)
+    return (wide / norm.clamp_min(max(eps, 64 / torch.finfo(x.dtype).max))).to(x.dtype)
 
 
 # ---- attention weights ----------------------------------------------------------------------
@@ -60,7 +63,9 @@ def attention_weights(similarities: Sequence[Tensor], targets: Sequence[Tensor],
             row_peak = candidates.amax(dim=-1).reshape(-1, candidates.size(-2))
             peak.scatter_reduce_(0, target.reshape(-1, 1).expand_as(row_peak), row_peak, "amax")
         peak = peak.masked_fill(peak == float("-inf"), 0.0)  # nodes without edges
-        weights = [_masked(torch.exp(beta * (similarity - peak[target].unsqueeze(-1))), mask)
+        # A masked candidate may lie far above its node's peak: it leaves the exponent
+        # (exp(beta * gap) would overflow, and inf times its zero mask is NaN, its gradient too).
+        weights = [torch.exp(_masked_out(beta * (similarity - peak[target].unsqueeze(-1)), mask))
                    for similarity, target, mask in zip(similarities, targets, masks)]
         total = _per_node(weights, targets, num_nodes)
         total = total.masked_fill(total == 0, 1.0)  # nodes whose candidates are all masked
@@ -75,6 +80,13 @@ def attention_weights(similarities: Sequence[Tensor], targets: Sequence[Tensor],
         weights = [weight / degree[target].unsqueeze(-1)
                    for weight, target in zip(weights, targets)]
     return weights
+
+
+def _masked_out(exponent: Tensor, mask: Optional[Tensor]) -> Tensor:
+    """-inf (a weight of zero) at masked candidates (after beta: beta times -inf would give
+    beta a NaN gradient)."""
+    return exponent if mask is None else exponent.masked_fill(~mask.unsqueeze(-2),
+                                                              float("-inf"))
 
 
 def _masked(weight: Tensor, mask: Optional[Tensor]) -> Tensor:
@@ -197,6 +209,37 @@ def cyclic_attention(query: Tensor, key: Tensor, value: Tensor, adjacency: Cycli
     return out, weights
 
 
+def cyclic_max_relative(x: Tensor, adjacency: CyclicAdjacency) -> Tensor:
+    r"""Eq. 1's relative term over a :class:`~attvig_pyg.adjacency.CyclicAdjacency`:
+    :math:`\max_{j \in \mathcal{N}(i)} (x_j - x_i)` element-wise, ``[num_nodes, channels]``
+    (zeros for a node without edges, as PyG's max over nothing), computed as the official
+    GreedyViG computes it: a shift of the cycles per offset, masked candidates left out. The
+    maximum over a node's candidates is one reduction, so that tied maxima share the gradient
+    as in PyG's scatter-max."""
+    best = []
+    for part in adjacency.parts:
+        if not part.candidates_per_node:
+            continue
+        at_node = _in_cycles(x, part)                                      # [P, T, C]
+        if part.offsets is None:  # every member a candidate: [P, T, T, C], x_u - x_t
+            relative = at_node.unsqueeze(1) - at_node.unsqueeze(2)
+        else:                     # [P, T, M, C]
+            relative = torch.stack([at_node.roll(offset, dims=1) - at_node
+                                    for offset in part.offsets], dim=2)
+        if part.mask is not None:
+            relative = relative.masked_fill(~part.mask.unsqueeze(-1), float("-inf"))
+        per_cycle = relative.amax(dim=2).flatten(0, 1)                    # [P * T, C]
+        if part.inverse is not None:
+            best.append(_PermuteRows.apply(per_cycle, part.inverse, part.cycles.flatten()))
+        else:
+            best.append(x.new_full(x.shape, float("-inf")).scatter_reduce(
+                0, part.cycles.flatten().view(-1, 1).expand_as(per_cycle), per_cycle, "amax"))
+    if not best:
+        return torch.zeros_like(x)
+    out = best[0] if len(best) == 1 else torch.stack(best).amax(dim=0)
+    return out.masked_fill(out == float("-inf"), 0.0)
+
+
 def cyclic_edge_weights(weights: Sequence[Tensor], adjacency: CyclicAdjacency) -> Tensor:
     """``[num_edges, heads]``: :func:`cyclic_attention`'s weights in the edge order of
     :meth:`CyclicAdjacency.to_edge_index`."""
@@ -218,21 +261,35 @@ def cyclic_edge_weights(weights: Sequence[Tensor], adjacency: CyclicAdjacency) -
 # weighted sum over neighbours is a CSR sparse-dense product (SpMM), and backward propagates
 # through SpMMs as well, so that no per-edge feature tensor is kept.
 
-def _csr(rows: Tensor, cols: Tensor, num_rows: int) -> Tuple[Tensor, Tensor, Tensor]:
-    order = rows.argsort(stable=True)
-    crow = rows.new_zeros(num_rows + 1)
-    crow[1:] = torch.bincount(rows, minlength=num_rows).cumsum(0)
-    return order, crow, cols.index_select(0, order)
+def index_pointer(sorted_index: Tensor, size: int) -> Tensor:
+    """The CSR pointer ``[size + 1]`` of a sorted index: where each value's run starts. A
+    search, not a count (``bincount``), so that its size does not depend on the values and the
+    host never waits for an accelerator."""
+    return torch.searchsorted(sorted_index, torch.arange(size + 1, device=sorted_index.device))
 
 
 class EdgeList:
-    """The edges ``source[e] -> target[e]`` of a (bipartite) graph in both CSR orders."""
+    """The edges ``source[e] -> target[e]`` of a (bipartite) graph, sorted by target, in both
+    CSR orders: by target as given (``target_pointer``, when the adjacency has it: an
+    :class:`~torch_geometric.EdgeIndex` caches its own), by source sorted when first needed
+    (in backward)."""
 
-    def __init__(self, source: Tensor, target: Tensor, num_sources: int, num_targets: int):
+    def __init__(self, source: Tensor, target: Tensor, num_sources: int, num_targets: int,
+                 target_pointer: Optional[Tensor] = None):
         self.source, self.target = source, target
         self.num_sources, self.num_targets = num_sources, num_targets
-        self.by_target = _csr(target, source, num_targets)
-        self.by_source = _csr(source, target, num_sources)
+        if target_pointer is None:
+            target_pointer = index_pointer(target, num_targets)
+        self.by_target = None, target_pointer, source
+        self._by_source = None
+
+    @property
+    def by_source(self) -> Tuple[Tensor, Tensor, Tensor]:
+        if self._by_source is None:
+            ordered, order = torch.sort(self.source, stable=True)
+            self._by_source = (order, index_pointer(ordered, self.num_sources),
+                               self.target.index_select(0, order))
+        return self._by_source
 
     def gather_dot(self, at_target: Tensor, at_source: Tensor) -> Tensor:
         """``out[e, h] = <at_target[target[e], h], at_source[source[e], h]>`` (SDDMM)."""
@@ -244,7 +301,7 @@ class EdgeList:
         the transposed product (edges out of each source, ``x`` indexed by target)."""
         order, crow, col = self.by_source if to_sources else self.by_target
         num_rows = self.num_sources if to_sources else self.num_targets
-        values = weight.index_select(0, order)
+        values = weight if order is None else weight.index_select(0, order)
         with warnings.catch_warnings():  # torch calls its CSR support beta, once per process
             warnings.simplefilter("ignore", UserWarning)
             matrices = [torch.sparse_csr_tensor(crow, col, values[:, h], (num_rows, x.size(0)),

@@ -10,6 +10,7 @@ from torch_geometric.typing import Adj, PairTensor
 
 from attvig_pyg.adjacency import CyclicAdjacency
 from attvig_pyg.nn.checks import check_adjacency, check_node_features, unshared_adjacency
+from attvig_pyg.nn.functional import cyclic_max_relative
 from attvig_pyg.nn.grouped_linear import GroupedLinear
 
 
@@ -108,28 +109,28 @@ class MaxRelativeConv(MessagePassing):
             self.norm = None
         return self
 
-    def forward(self, x: Union[Tensor, PairTensor], edge_index: Adj) -> Tensor:
+    def forward(self, x: Union[Tensor, PairTensor],
+                edge_index: Union[Adj, CyclicAdjacency]) -> Tensor:
         r"""Runs the forward pass of the module.
 
         Args:
             x (torch.Tensor or (torch.Tensor, torch.Tensor)): The input node features.
-            edge_index (torch.Tensor, SparseTensor or torch.sparse.Tensor): The edges
-                (:obj:`edge_index[0]` sends to :obj:`edge_index[1]`), or the transposed sparse
-                adjacency.
+            edge_index (torch.Tensor, EdgeIndex, SparseTensor, torch.sparse.Tensor or
+                CyclicAdjacency): The edges (:obj:`edge_index[0]` sends to
+                :obj:`edge_index[1]`), the transposed sparse adjacency, or a cyclic adjacency
+                (homogeneous graphs only; computed with a shift per offset, no edge list).
         """
         if isinstance(x, Tensor):
             x = (x, x)
         x_src, x_dst = x
         check_node_features(x_src, self.channels, "source")
         check_node_features(x_dst, x_src.size(-1), "target")
-        if isinstance(edge_index, CyclicAdjacency):
-            raise TypeError("MaxRelativeConv takes an edge_index or a sparse adjacency; convert "
-                            "a CyclicAdjacency with its to_edge_index()")
         check_adjacency(edge_index, x_src, x_dst)
-        edge_index = unshared_adjacency(edge_index)
-
-        relative = self.propagate(edge_index, x=(x_src, x_dst),
-                                  size=(x_src.size(0), x_dst.size(0)))
+        if isinstance(edge_index, CyclicAdjacency):
+            relative = cyclic_max_relative(x_src, edge_index)
+        else:
+            relative = self.propagate(unshared_adjacency(edge_index), x=(x_src, x_dst),
+                                      size=(x_src.size(0), x_dst.size(0)))
         interleaved = torch.stack([x_dst, relative], dim=-1).flatten(1)
         out = self.lin(interleaved)
         if self.norm is not None:
