@@ -21,7 +21,7 @@ import socket
 import sys
 import tempfile
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -96,6 +96,10 @@ def add_training_arguments(parser: argparse.ArgumentParser, epochs: int, batch_s
     group.add_argument("--amp", action="store_true", help="mixed precision (autocast)")
     group.add_argument("--amp-dtype", choices=["bfloat16", "float16"], default="bfloat16")
     group.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes")
+    group.add_argument("--deterministic", action="store_true",
+                       help="deterministic algorithms only (torch.use_deterministic_algorithms, "
+                            "cuDNN without benchmarking): the same run gives the same weights "
+                            "on a GPU too (docs/training.md names the slower ops)")
     group.add_argument("--torch-compile", nargs="?", const="inductor", default=None,
                        metavar="BACKEND",
                        help="train and evaluate the torch.compile'd model (default backend: "
@@ -415,9 +419,41 @@ class Distributed:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    @contextmanager
+    def agreeing(self) -> Iterator[None]:
+        """Runs the block on every process and agrees on its outcome: if it fails on any
+        process (a refusal, an error), every process stops here, before the others would wait
+        forever in a collective or crash in one. Rank 0 exits with the first failure's message
+        (or its own error); the others exit quietly, with status 1 unless they failed themselves."""
+        error = None
+        try:
+            yield
+        except (Exception, SystemExit) as caught:
+            error = caught
+        if self.world_size == 1:
+            if error is not None:
+                raise error
+            return
+        failures = [(rank, message) for rank, message in enumerate(self.gather(
+            None if error is None else _failure_message(error))) if message is not None]
+        if not failures:
+            return
+        if self.main and error is None:
+            rank, message = failures[0]
+            raise SystemExit(f"rank {rank} stopped before training: {message}")
+        if self.main or not isinstance(error, SystemExit):
+            raise error  # (a non-main rank's own traceback is worth showing)
+        raise SystemExit(1)
+
     def close(self) -> None:
         if self.world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _failure_message(error: BaseException) -> str:
+    if isinstance(error, SystemExit):
+        return str(error.code)
+    return f"{type(error).__name__}: {error}"
 
 
 class StopRequest:
@@ -822,6 +858,7 @@ class TrainingRun:
         if self.ema is not None:
             self.ema.module.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
+        _match_parameter_layouts(self.optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
         if state["scaler"]:  # a disabled scaler saves an empty state
             self.scaler.load_state_dict(state["scaler"])
@@ -888,6 +925,19 @@ class TrainingRun:
         return row, improved
 
 
+def _match_parameter_layouts(optimizer: torch.optim.Optimizer) -> None:
+    """Gives every per-parameter state tensor its parameter's memory layout: torch's fused
+    AdamW kernel walks a parameter and its moments as flat memory, so a channels-last weight
+    (DDP runs) with moments in another layout would be updated with misplaced values."""
+    for group in optimizer.param_groups:
+        for parameter in group["params"]:
+            state = optimizer.state.get(parameter, {})
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and value.shape == parameter.shape and \
+                        value.stride() != parameter.stride():
+                    state[key] = torch.empty_like(parameter, dtype=value.dtype).copy_(value)
+
+
 def _short(value) -> str:
     text = json.dumps(value)
     return text if len(text) < 80 else text[:77] + "..."
@@ -908,17 +958,40 @@ def train(program: str, args, build_run: Callable[..., Setup]) -> Dict:
     args.output = output
     world = Distributed(args.device)
     try:
-        if not world.main:
-            return _train(program, args, world, output, saved, build_run, lock=None)
-        make_folder(output)
-        with RunLock(output) as lock:
-            if not args.resume and any((output / n).exists() for n in ("last.pth",
-                                                                       "results.json")):
-                raise SystemExit(f"{output} already holds a run; resume it with --resume "
-                                 f"{output / 'last.pth'} or choose another --output")
-            return _train(program, args, world, output, saved, build_run, lock)
+        with ExitStack() as held:
+            lock = None
+            with world.agreeing():  # rank 0 owns the folder; every rank stops if it refuses
+                if world.main:
+                    make_folder(output)
+                    lock = held.enter_context(RunLock(output))
+                    if not args.resume and any((output / n).exists() for n in ("last.pth",
+                                                                               "results.json")):
+                        raise SystemExit(f"{output} already holds a run; resume it with --resume "
+                                         f"{output / 'last.pth'} or choose another --output")
+            with deterministic_algorithms(args.deterministic):
+                return _train(program, args, world, output, saved, build_run, lock)
     finally:
         world.close()
+
+
+@contextmanager
+def deterministic_algorithms(enabled: bool) -> Iterator[None]:
+    """``--deterministic``: torch's deterministic algorithms only (an op without one raises),
+    cuDNN without autotuning, and the cuBLAS workspace setting CUDA needs for determinism;
+    the previous settings are restored afterwards (a program may run several runs)."""
+    if not enabled:
+        yield
+        return
+    before = (torch.are_deterministic_algorithms_enabled(),
+              torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[1:]
 
 
 def _train(program: str, args, world: Distributed, output: Path, saved: Optional[Dict],
@@ -932,12 +1005,17 @@ def _train(program: str, args, world: Distributed, output: Path, saved: Optional
     if not allocator.apply(allocator.FAST):  # freed memory reused, not faulted in anew
         log.info("not glibc: the allocator keeps its own settings")
     random_seed(args.seed, world.rank)
-    setup = build_run(args, world)
-    run, sampler, train_loader, evaluation_loader = _prepare(program, args, world, setup)
+    with world.agreeing():  # data, model, checkpoint: a failure anywhere stops every rank
+        setup = build_run(args, world)
+        run, sampler, train_loader, evaluation_loader = _prepare(program, args, world, setup)
+        if saved is not None:
+            run.load_state_dict(saved)
     if saved is not None:
-        run.load_state_dict(saved)
         log.info("resumed from %s at epoch %d of %d, step %d of %d", args.resume, run.epoch + 1,
                  args.epochs, run.step, len(train_loader))
+    if world.world_size > 1:
+        setup.task.prepare_distributed([world.device.index] if world.device.index is not None
+                                       else None)
 
     writer = _tensorboard(output) if world.main else None
     with StopRequest() as stop:
@@ -985,6 +1063,11 @@ def _prepare(program: str, args, world: Distributed, setup: Setup):
     if args.sync_bn and world.world_size > 1:
         model = setup.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(world.device)
+    if world.world_size > 1:
+        # DDP lays its gradient buckets out like the parameters, and the convs' weight
+        # gradients come in the channels-last layout the networks compute in: 4-d weights take
+        # it too (else a copy per bucket per step, and a warning at every step).
+        model.to(memory_format=torch.channels_last)
     log.info("data: %d training and %d evaluation items", len(setup.train_set),
              len(setup.eval_set))
     log.info("model: %s, %.2f M parameters (%.2f M trainable)", args.model,
@@ -1010,9 +1093,6 @@ def _prepare(program: str, args, world: Distributed, setup: Setup):
         log.info("torch.compile with backend %s: the first training step compiles",
                  args.torch_compile)
         eval_model = setup.task.compile(args.torch_compile)
-    if world.world_size > 1:
-        setup.task.prepare_distributed([world.device.index] if world.device.index is not None
-                                       else None)
     scaler = torch.amp.GradScaler(world.device.type,
                                   enabled=args.amp and args.amp_dtype == "float16")
     run = TrainingRun(program, args, world, setup, optimizer, scheduler, scaler, ema,

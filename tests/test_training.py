@@ -1,5 +1,6 @@
 """The training program (experiments/imagenet.py on experiments/engine.py), on tiny runs."""
 import json
+import math
 import os
 import re
 import signal
@@ -329,6 +330,47 @@ def test_two_process_torchrun(image_folder, tmp_path):
     assert "2 process(es)" in result.stderr
     assert "global batch of 8" in result.stderr
     assert len(checkpoint(tmp_path / "ddp" / "last.pth")["processes"]) == 2
+    # DDP's buckets laid out like the channels-last gradients: no copy, no warning per step
+    assert "Grad strides do not match" not in result.stderr
+
+
+def torchrun(args, env=None):
+    """imagenet.py under torchrun with 2 CPU processes, in a process group of its own."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc-per-node", "2", str(TESTS / "run_and_signal.py"),
+                           *map(str, args)], capture_output=True, text=True, timeout=900,
+                          start_new_session=True, env=dict(os.environ, **(env or {})))
+
+
+def test_a_refusal_on_rank_0_stops_every_rank_with_its_message(image_folder, tmp_path):
+    run(["--data-dir", image_folder, "--epochs", "1"], tmp_path)  # the folder holds a run
+    result = torchrun([*QUICK, "--data-dir", image_folder, "--epochs", "1", "--output",
+                       tmp_path / "run"])
+    assert result.returncode != 0
+    assert "already holds a run" in result.stderr
+    # rank 1 stops quietly instead of crashing in DDP's set-up
+    for symptom in ("Connection closed by peer", "gloo", "DistBackendError", "DistStoreError",
+                    "DistributedDataParallel"):
+        assert symptom not in result.stderr, result.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_torchrun_sigterm_mid_epoch_then_resume_equals_the_uninterrupted_run(image_folder,
+                                                                             tmp_path):
+    common = [*QUICK, "--data-dir", image_folder, "--epochs", "3", "--seed", "5",
+              "--batch-size", "2"]  # 24 images, 2 processes: 6 steps per epoch
+    straight = torchrun([*common, "--output", tmp_path / "straight"])
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    stopped = torchrun([*common, "--output", tmp_path / "stopped"], env=dict(STOP_AT="2:2"))
+    assert stopped.returncode != 0
+    state = checkpoint(tmp_path / "stopped" / "last.pth")
+    assert state["epoch"] == 1 and 2 <= state["step"] < 6, (state["epoch"], state["step"])
+    resumed = torchrun([*common, "--resume", tmp_path / "stopped" / "last.pth"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    checksums = [dict(re.findall(r"rank (\d) weights checksum (\w+)", p.stderr))
+                 for p in (straight, resumed)]
+    assert checksums[0] == checksums[1] and set(checksums[0]) == {"0", "1"}
+    assert_same_weights(tmp_path / "straight" / "last.pth", tmp_path / "stopped" / "last.pth")
 
 
 def test_hard_distillation_with_a_local_teacher(image_folder, tmp_path):
@@ -415,3 +457,65 @@ def test_device_index_under_torchrun_is_an_error(monkeypatch):
     engine.check_device("cuda:1")
     with pytest.raises(ValueError, match="this machine has 2 GPU"):
         engine.check_device("cuda:2")
+
+
+# ---- half precision, determinism ------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("graph", ["svga", "dagc", "knn"])
+def test_amp_trains_with_a_finite_loss(dtype, graph, image_folder, tmp_path):
+    """--amp on the CPU: torch's CPU autocast, and for float16 GradScaler("cpu")."""
+    run(["--data-dir", image_folder, "--epochs", "1", "--graph", graph, "--amp",
+         "--amp-dtype", dtype], tmp_path)
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert math.isfinite(results["final"]["train"]["loss"])
+    assert results["config"]["amp_dtype"] == dtype
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("graph", ["svga", "dagc"])
+def test_amp_trains_attentionvig_s_an_epoch_of_the_embedded_data(dtype, graph, tmp_path):
+    imagenet.main(["--preset", "cpu-demo", "--epochs", "1", "--workers", "0",
+                   "--graph", graph, "--amp", "--amp-dtype", dtype,
+                   "--output", str(tmp_path / "run")])
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert math.isfinite(results["final"]["train"]["loss"])
+    assert results["final"]["eval"]["top1"] > 50  # learning, not just finite
+
+
+@pytest.mark.parametrize("graph", ["svga", "dagc", "knn"])
+def test_deterministic_runs_repeat_exactly(graph, image_folder, tmp_path):
+    common = ["--data-dir", image_folder, "--epochs", "1", "--graph", graph, "--deterministic"]
+    run(common, tmp_path, "first")
+    assert not torch.are_deterministic_algorithms_enabled()  # restored after the run
+    run(common, tmp_path, "second")
+    assert_same_weights(tmp_path / "first" / "last.pth", tmp_path / "second" / "last.pth")
+    assert checkpoint(tmp_path / "first" / "last.pth")["config"]["deterministic"] is True
+
+
+def test_optimizer_state_takes_its_parameters_layout_on_resume():
+    """torch's fused AdamW reads a parameter and its moments as flat memory: moments loaded in
+    another layout than a channels-last weight (a DDP run's) would be applied misplaced."""
+    torch.manual_seed(0)
+    weight, grads = torch.randn(8, 4, 3, 3), [torch.randn(8, 4, 3, 3) for _ in range(2)]
+
+    def trained(channels_last: bool, fix: bool):
+        parameter = torch.nn.Parameter(weight.clone())
+        optimizer = torch.optim.AdamW([parameter], lr=0.1, fused=True)
+        parameter.grad = grads[0].clone()
+        optimizer.step()
+        saved = optimizer.state_dict()  # contiguous moments
+        if channels_last:
+            parameter.data = parameter.data.contiguous(memory_format=torch.channels_last)
+        optimizer = torch.optim.AdamW([parameter], lr=0.1, fused=True)
+        optimizer.load_state_dict(saved)
+        if fix:
+            engine._match_parameter_layouts(optimizer)
+        parameter.grad = torch.empty_like(parameter).copy_(grads[1])  # autograd's layout rule
+        optimizer.step()
+        return parameter.detach().contiguous()
+
+    expected = trained(channels_last=False, fix=False)
+    assert not torch.equal(trained(channels_last=True, fix=False), expected)  # torch's pitfall
+    assert torch.equal(trained(channels_last=True, fix=True), expected)
