@@ -7,7 +7,14 @@ batch 1, from 224 px to detection sizes), whole and as a feature extractor besid
 Every measurement runs in a fresh process; the runs are interleaved and the best of the rounds is
 kept. Results go to docs/benchmarks.md.
 
+--part against DIR times AttentionViG-S and GreedyViG-S with this checkout's library and with
+the one in DIR (another commit's checkout: `git worktree add DIR COMMIT`), interleaved: what a
+change to the library costs. --device cuda times the models on a GPU (bf16 autocast,
+channels_last, eager and compiled) against resnet50 on the same GPU.
+
     python experiments/benchmark_backbone.py [--part models|scaling|all] [--rounds 3]
+    python experiments/benchmark_backbone.py --part against /tmp/base --rounds 3
+    python experiments/benchmark_backbone.py --device cuda
 """
 import argparse
 import os
@@ -15,13 +22,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 
 import allocator
-from benchmarking import (environment, markdown_table, measure, multiply_adds, run_isolated,
-                          update_section, worker_output)
+from benchmarking import (check_device, environment, markdown_table, measure, multiply_adds,
+                          run_isolated, update_section, worker_output)
 
 # Variants: a timm model name, then options joined with "+": "fused" (BatchNorm folded for
 # inference: reparameterize() / timm's reparameterize_model), "compiled" (torch.compile; its
@@ -43,6 +50,22 @@ PEER = "resnet50"
 # 1333x800, Semantic FPN 512x512), height x width.
 RESOLUTIONS = ["224x224", "320x320", "448x448", "512x512", "640x640", "800x1216", "1333x800"]
 INFERENCE_BATCH, TRAIN_BATCH = 16, 8
+# The A/B of two checkouts of the library.
+AGAINST = [("inference", "attentionvig_s+fused"), ("inference", "greedyvig_s+fused"),
+           ("train", "attentionvig_s"), ("train", "greedyvig_s")]
+# On a GPU: bf16 autocast ("amp") and channels_last everywhere, larger batches.
+GPU_INFERENCE = ["resnet50+channels_last+amp", "resnet50+channels_last+amp+compiled",
+                 "attentionvig_s+fused+channels_last+amp",
+                 "attentionvig_s+fused+channels_last+amp+compiled",
+                 "attentionvig_m+fused+channels_last+amp", "attentionvig_b+fused+channels_last+amp",
+                 "greedyvig_s+fused+channels_last+amp"]
+GPU_TRAIN = ["resnet50+channels_last+amp", "resnet50+channels_last+amp+compiled",
+             "attentionvig_s+channels_last+amp", "attentionvig_s+channels_last+amp+compiled",
+             "attentionvig_s+channels_last+amp+keep_activations",
+             "attentionvig_m+channels_last+amp", "attentionvig_b+channels_last+amp",
+             "greedyvig_s+channels_last+amp"]
+GPU_PEER = "resnet50+channels_last+amp"
+GPU_INFERENCE_BATCH, GPU_TRAIN_BATCH = 128, 64
 
 
 def create(variant: str, features_only: bool = False) -> torch.nn.Module:
@@ -58,7 +81,7 @@ def create(variant: str, features_only: bool = False) -> torch.nn.Module:
     if "keep_activations" in options:
         model.set_activation_recompute(False)
     if "fused" in options:  # ours cannot go through timm's walker (attvig_pyg.models.fusion)
-        model = model.reparameterize() if name.startswith("attentionvig") else \
+        model = model.reparameterize() if name.startswith(("attentionvig", "greedyvig")) else \
             reparameterize_model(model.eval())
     if "channels_last" in options:
         model = model.to(memory_format=torch.channels_last)
@@ -70,31 +93,38 @@ def parse_size(text: str):
     return height, width
 
 
-def worker(task: str, variant: str, size: str, repeats: int) -> None:
+def worker(task: str, variant: str, size: str, repeats: int, device: str = "cpu") -> None:
     torch.manual_seed(0)
     options = variant.split("+")[1:]
     height, width = parse_size(size)
-    model = create(variant, features_only=task == "features")
+    model = create(variant, features_only=task == "features").to(device)
     training = task.startswith("train")
     model.train(training)
     if training and task == "train_checkpointed":
         model.set_grad_checkpointing(True)
-    batch = TRAIN_BATCH if training else INFERENCE_BATCH if task == "inference" else 1
-    images = torch.randn(batch, 3, height, width)
+    on_gpu = torch.device(device).type == "cuda"
+    batch = ((GPU_TRAIN_BATCH if on_gpu else TRAIN_BATCH) if training else
+             (GPU_INFERENCE_BATCH if on_gpu else INFERENCE_BATCH) if task == "inference" else 1)
+    images = torch.randn(batch, 3, height, width, device=device)
     if "channels_last" in options:
         images = images.contiguous(memory_format=torch.channels_last)
     forward = torch.compile(model) if "compiled" in options else model
+    # bf16 autocast on the GPU ("amp"); no GradScaler: bf16 has float32's range.
+    autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16,
+                              enabled="amp" in options)
     if training:
-        labels = torch.randint(0, 1000, (batch,))
+        labels = torch.randint(0, 1000, (batch,), device=device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
         def step():
             optimizer.zero_grad(set_to_none=True)
-            torch.nn.functional.cross_entropy(forward(images), labels).backward()
+            with autocast:
+                loss = torch.nn.functional.cross_entropy(forward(images), labels)
+            loss.backward()
             optimizer.step()
     else:
         def step():
-            with torch.no_grad():
+            with torch.no_grad(), autocast:
                 forward(images)
     first = {}
     if "compiled" in options:  # the compilation: a cold cache, timed apart from the steps
@@ -102,7 +132,7 @@ def worker(task: str, variant: str, size: str, repeats: int) -> None:
         started = time.perf_counter()
         step()
         first["first_step_s"] = time.perf_counter() - started
-    result = dict(measure(step, repeats), **first)
+    result = dict(measure(step, repeats, device), **first)
     result["images_per_s"] = batch / result["time_s"]
     if task == "scaling":
         result["macs"] = multiply_adds(model, (height, width))
@@ -115,16 +145,20 @@ def base(variant: str) -> str:
     return "+".join([name, *(["maxrel_dagc"] if "maxrel_dagc" in options else [])])
 
 
-def measure_all(runs, rounds: int, repeats: int) -> Dict:
+def measure_all(runs, rounds: int, repeats: int, device: str = "cpu",
+                against: Optional[Path] = None) -> Dict:
     """Each run in a fresh process, the runs interleaved, ``rounds`` times: the best time and the
-    smallest memory (and compilation) of each. Training runs also run once more for the memory
-    alive at the peak (``live_mib``, benchmarking.py)."""
+    smallest memory (and compilation) of each. Training runs on the CPU also run once more for
+    the memory alive at the peak (``live_mib``, benchmarking.py). A run may end in "against":
+    it then imports the library of the checkout ``against``."""
     best = {}
     for round_number in range(rounds):
         for run in runs:
             malloc = {} if "default_malloc" in run[1].split("+") else allocator.FAST
-            result = run_isolated(Path(__file__), [*run, "--repeats", str(repeats)], malloc)
-            if run[0] == "train":
+            library = against if run[-1] == "against" else None
+            result = run_isolated(Path(__file__), [*run[:3], "--repeats", str(repeats),
+                                                   "--device", device], malloc, library)
+            if run[0] == "train" and device == "cpu" and library is None:
                 result["live_mib"] = run_isolated(Path(__file__), [*run, "--repeats", "1"],
                                                   allocator.LIVE)["peak_mib"]
             print(f"round {round_number + 1}/{rounds} {run}: {result['images_per_s']:.1f} img/s, "
@@ -241,19 +275,85 @@ def scaling_section(best: Dict, args) -> str:
              "that ratio vs 224's"], rows))
 
 
+def against_section(best: Dict, args) -> str:
+    rows = []
+    for task, variant in AGAINST:
+        mine, theirs = best[(task, variant, "224x224")], best[(task, variant, "224x224",
+                                                                "against")]
+        rows.append([task, variant, f"{mine['images_per_s']:.1f}",
+                     f"{theirs['images_per_s']:.1f}",
+                     f"{mine['images_per_s'] / theirs['images_per_s']:.3f}x",
+                     f"{mine['peak_mib']:.0f}", f"{theirs['peak_mib']:.0f}"])
+    command = "python experiments/benchmark_backbone.py " + " ".join(sys.argv[1:])
+    return (f"Command: `{command.strip()}` ({environment()}; best of {args.rounds} interleaved "
+            f"rounds x {args.repeats} steps, every run in a fresh process; inference batch "
+            f"{INFERENCE_BATCH}, training step batch {TRAIN_BATCH}, 224 px). 'this': the "
+            f"checkout's library; 'other': the library of {args.against_label}.\n\n" +
+            markdown_table(["task", "variant", "this img/s", "other img/s", "this vs other",
+                            "this peak MiB", "other peak MiB"], rows))
+
+
+def gpu_section(best: Dict, args) -> str:
+    rows = []
+    for task, variants in (("inference", GPU_INFERENCE), ("train", GPU_TRAIN)):
+        peer = best[(task, GPU_PEER, "224x224")]
+        for variant in variants:
+            result = best[(task, variant, "224x224")]
+            rows.append([task, variant, f"{result['images_per_s']:.0f}",
+                         f"{result['images_per_s'] / peer['images_per_s']:.2f}x",
+                         f"{result['peak_mib']:.0f}",
+                         f"{result['peak_mib'] / peer['peak_mib']:.2f}x",
+                         f"{result['first_step_s']:.0f}" if "first_step_s" in result else ""])
+    command = "python experiments/benchmark_backbone.py " + " ".join(sys.argv[1:])
+    return (f"Command: `{command.strip()}` ({environment()}, {torch.cuda.get_device_name()}; "
+            f"best of {args.rounds} interleaved rounds x {args.repeats} steps, every run in a "
+            f"fresh process, synchronised around each step; inference batch "
+            f"{GPU_INFERENCE_BATCH}, training step batch {GPU_TRAIN_BATCH}, 224 px, bf16 "
+            "autocast; memory: peak of torch's CUDA allocator during a step minus before it)."
+            "\n\n" + markdown_table(["task", "variant", "img/s", f"vs {GPU_PEER}", "peak MiB",
+                                      f"vs {GPU_PEER}", "compile s"], rows))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=["models", "scaling", "all"], default="all",
-                        help="models at 224 px, AttentionViG-S against input size, or both")
+    parser.add_argument("--part", choices=["models", "scaling", "all", "against"], default="all",
+                        help="models at 224 px, AttentionViG-S against input size, both, or "
+                             "this checkout's library against another's (--against)")
+    parser.add_argument("--against", type=Path, default=None, metavar="DIR",
+                        help="with --part against: the other checkout (its attvig_pyg/)")
+    parser.add_argument("--against-label", default=None,
+                        help="what the other checkout is, for the page (default: DIR)")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (--part models)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--worker", nargs=3, metavar=("TASK", "MODEL", "SIZE"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
+    check_device(args.device)
     if args.worker:
         task, name, size = args.worker
-        return worker(task, name, size, args.repeats)
+        return worker(task, name, size, args.repeats, args.device)
+    if args.part == "against":
+        if args.against is None or not (args.against / "attvig_pyg").is_dir():
+            parser.error("--part against needs --against DIR, a checkout holding attvig_pyg/")
+        args.against_label = args.against_label or str(args.against)
+        runs = [(task, variant, "224x224", *other) for task, variant in AGAINST
+                for other in ((), ("against",))]
+        body = against_section(measure_all(runs, args.rounds, args.repeats,
+                                           against=args.against), args)
+        update_section(f"This checkout against {args.against_label}", body)
+        print(body)
+        return
+    if args.device != "cpu":
+        if args.part != "models":
+            parser.error("--device cuda measures --part models")
+        runs = [(task, variant, "224x224") for task, variants in
+                (("inference", GPU_INFERENCE), ("train", GPU_TRAIN)) for variant in variants]
+        body = gpu_section(measure_all(runs, args.rounds, args.repeats, args.device), args)
+        update_section(f"AttentionViG backbone on {torch.cuda.get_device_name()}", body)
+        print(body)
+        return
 
     runs = []
     if args.part in ("models", "all"):

@@ -8,7 +8,7 @@ K does not divide the grid). CrossAttnConv runs on a plain edge_index (per-edge 
 every PyG conv), on an EdgeIndex sorted by target (its fused kernels) and, on the grids, on the
 builder's CyclicAdjacency. Results go to docs/benchmarks.md.
 
-    python experiments/benchmark_conv.py [--rounds 3] [--repeats 3]
+    python experiments/benchmark_conv.py [--rounds 3] [--repeats 3] [--device cuda]
 """
 import argparse
 import sys
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarking import (environment, markdown_table, measure, run_isolated, update_section,
-                          worker_output)
+from benchmarking import (check_device, environment, markdown_table, measure, run_isolated,
+                          update_section, worker_output)
 
 CASES = {
     "a": dict(label="(a) SVGA 8x56x56, K=8, C=48", grid=(8, 56, 56, 8), channels=48),
@@ -32,7 +32,7 @@ HEADS = 8
 PEER = "TransformerConv"
 
 
-def build(case_name: str, conv_name: str):
+def build(case_name: str, conv_name: str, device: str = "cpu"):
     from attvig_pyg import CrossAttnConv
     from attvig_pyg.graphs import svga_adjacency, svga_graph
     from torch_geometric import EdgeIndex
@@ -45,10 +45,10 @@ def build(case_name: str, conv_name: str):
         batch_size, height, width, k = case["grid"]
         nodes = batch_size * height * width
         adjacency = (svga_adjacency if conv_name.endswith("(cyclic)") else svga_graph)(
-            batch_size, height, width, k)
+            batch_size, height, width, k, device=device)
     else:
         nodes = case["nodes"]
-        adjacency = torch.randint(0, nodes, (2, case["edges"]))
+        adjacency = torch.randint(0, nodes, (2, case["edges"]), device=device)
     if conv_name.endswith("(EdgeIndex)"):
         adjacency = EdgeIndex(adjacency, sparse_size=(nodes, nodes)).sort_by("col")[0]
     conv = {
@@ -59,20 +59,20 @@ def build(case_name: str, conv_name: str):
         # Self-loops off so that every conv sees the same edges.
         "GATv2Conv": lambda: GATv2Conv(channels, channels // HEADS, heads=HEADS,
                                        add_self_loops=False),
-    }[conv_name]()
-    x = torch.randn(nodes, channels, requires_grad=True)
+    }[conv_name]().to(device)
+    x = torch.randn(nodes, channels, device=device, requires_grad=True)
     return conv, x, adjacency
 
 
-def worker(case_name: str, conv_name: str, repeats: int) -> None:
-    conv, x, adjacency = build(case_name, conv_name)
+def worker(case_name: str, conv_name: str, repeats: int, device: str) -> None:
+    conv, x, adjacency = build(case_name, conv_name, device)
 
     def step():
         conv.zero_grad(set_to_none=True)
         x.grad = None
         conv(x, adjacency).sum().backward()
 
-    worker_output(measure(step, repeats))
+    worker_output(measure(step, repeats, device))
 
 
 def main() -> None:
@@ -82,18 +82,20 @@ def main() -> None:
                         help="interleaved rounds; each (case, conv) runs once per round")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per run (best kept)")
     parser.add_argument("--cases", default="abcd")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (float32, synchronised)")
     parser.add_argument("--worker", nargs=2, metavar=("CASE", "CONV"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    check_device(args.device)
     if args.worker:
-        return worker(*args.worker, args.repeats)
+        return worker(*args.worker, args.repeats, args.device)
 
     runs = [(c, v) for c in args.cases for v in CONVS
             if not (v.endswith("(cyclic)") and "grid" not in CASES[c])]
     best = {}
     for round_number in range(args.rounds):
         for case_name, conv_name in runs:
-            result = run_isolated(Path(__file__), [case_name, conv_name,
-                                                   "--repeats", str(args.repeats)])
+            result = run_isolated(Path(__file__), [case_name, conv_name, "--repeats",
+                                                   str(args.repeats), "--device", args.device])
             print(f"round {round_number + 1}/{args.rounds} {case_name} {conv_name}: "
                   f"{result['time_s']:.3f} s, {result['peak_mib']:.0f} MiB", flush=True)
             previous = best.get((case_name, conv_name))
@@ -110,7 +112,8 @@ def main() -> None:
     table = markdown_table(["case", "conv", "fwd+bwd ms", "time vs TransformerConv",
                             "peak MiB", "memory vs TransformerConv"], rows)
     command = "python experiments/benchmark_conv.py " + " ".join(sys.argv[1:])
-    body = (f"Command: `{command.strip()}` ({environment()}; best of {args.rounds} interleaved "
+    body = (f"Command: `{command.strip()}` ({environment()}"
+            f"{', ' + torch.cuda.get_device_name() if args.device != 'cpu' else ''}; best of {args.rounds} interleaved "
             f"rounds x {args.repeats} steps, each (case, conv) in a fresh process).\n"
             "Memory: peak RSS of the measured forward+backward minus the RSS before it "
             "(see experiments/benchmarking.py). Same in/out channels (C) and 8 heads for "
@@ -125,7 +128,9 @@ def main() -> None:
             "keep several. On a CyclicAdjacency there is no per-edge gather at all: complete "
             "cycles (a, b) are scored as dense blocks in batched products, sparse ones (d) as one "
             "shift per neighbour offset.")
-    update_section("CrossAttnConv vs PyG attention convs", body)
+    on_gpu = args.device != "cpu"
+    update_section("CrossAttnConv vs PyG attention convs" +
+                   (f" on {torch.cuda.get_device_name()}" if on_gpu else ""), body)
     print(table)
 
 

@@ -14,6 +14,10 @@ measures the memory alive instead: every block over 64 KiB is mapped when alloca
 unmapped when freed, so the peak RSS is the peak of the memory in use. Each page is then
 faulted in anew on every allocation, so that process's times are not comparable and only its
 memory is used. ``malloc={}`` gives glibc's defaults.
+
+On a GPU (``device="cuda"``) the device is synchronised before and after each timed step (the
+launches are asynchronous), and memory is the peak of the memory torch's CUDA allocator had in
+use during the step minus what it had in use before it.
 """
 import ctypes
 import gc
@@ -24,7 +28,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -42,8 +46,10 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not found in /proc/self/status")
 
 
-def measure(step: Callable[[], None], repeats: int) -> Dict[str, float]:
+def measure(step: Callable[[], None], repeats: int, device: str = "cpu") -> Dict[str, float]:
     """Runs ``step`` once to warm up, once for memory, ``repeats`` times for time (best)."""
+    if torch.device(device).type == "cuda":
+        return _measure_cuda(step, repeats)
     step()
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -59,11 +65,42 @@ def measure(step: Callable[[], None], repeats: int) -> Dict[str, float]:
     return {"time_s": min(times), "peak_mib": (peak - before) / 1024}
 
 
-def run_isolated(script: Path, args: List[str],
-                 malloc: Dict[str, int] = allocator.FAST) -> Dict[str, float]:
+def _measure_cuda(step: Callable[[], None], repeats: int) -> Dict[str, float]:
+    step()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return {"time_s": min(times), "peak_mib": (peak - before) / 2**20}
+
+
+def check_device(device: str) -> str:
+    """``device`` if a benchmark can run on it here; a clear SystemExit otherwise."""
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {device}: CUDA is not available on this machine")
+    if torch.device(device).type not in ("cpu", "cuda"):
+        raise SystemExit(f"--device {device}: the benchmarks run on cpu or cuda")
+    return device
+
+
+def run_isolated(script: Path, args: List[str], malloc: Dict[str, int] = allocator.FAST,
+                 library: Optional[Path] = None) -> Dict[str, float]:
     """Runs ``script --worker ARGS`` in a fresh interpreter, its allocator set up with
-    ``malloc`` (allocator.py; see above), and returns the JSON it prints last."""
+    ``malloc`` (allocator.py; see above), and returns the JSON it prints last. ``library``: a
+    checkout whose ``attvig_pyg`` the worker imports instead of this one's (an A/B against
+    another commit)."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("MALLOC_")}
+    if library is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(library), env.get("PYTHONPATH", "")])
     result = subprocess.run([sys.executable, str(script), "--worker", *args],
                             capture_output=True, text=True, check=False,
                             env=dict(env, **allocator.environment(malloc)))

@@ -9,6 +9,7 @@ runs with glibc's malloc set as the training programs and benchmarks set it (all
     python experiments/profile_backbone.py attentionvig_s --mode train --shapes
     python experiments/profile_backbone.py attentionvig_s --mode fused
     python experiments/profile_backbone.py attentionvig_s --mode saved
+    python experiments/profile_backbone.py attentionvig_s --mode train --device cuda --amp
 """
 import argparse
 from collections import Counter
@@ -22,29 +23,39 @@ import attvig_pyg.models  # noqa: F401  (registers the models with timm)
 
 
 def operator_table(model: torch.nn.Module, mode: str, rows: int, compiled: bool,
-                   shapes: bool) -> str:
-    images = torch.randn(8 if mode == "train" else 16, 3, 224, 224)
+                   shapes: bool, device: str = "cpu", amp: bool = False) -> str:
+    on_gpu = torch.device(device).type == "cuda"
+    batch = (64 if mode == "train" else 128) if on_gpu else (8 if mode == "train" else 16)
+    model.to(device)
+    images = torch.randn(batch, 3, 224, 224, device=device)
+    autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp)
     model.train(mode == "train")
     if mode == "fused":
         model.reparameterize()
     forward = torch.compile(model) if compiled else model
     if mode == "train":
-        labels = torch.randint(0, 1000, (images.size(0),))
+        labels = torch.randint(0, 1000, (images.size(0),), device=device)
         optimizer = torch.optim.AdamW(model.parameters(), fused=True)  # as the engine
 
         def step():
             optimizer.zero_grad(set_to_none=True)
-            torch.nn.functional.cross_entropy(forward(images), labels).backward()
+            with autocast:
+                loss = torch.nn.functional.cross_entropy(forward(images), labels)
+            loss.backward()
             optimizer.step()
     else:
         def step():
-            with torch.no_grad():
+            with torch.no_grad(), autocast:
                 forward(images)
     step()  # warm-up (and the compilation)
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=shapes) as profiler:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    with profile(activities=activities, record_shapes=shapes) as profiler:
         step()
+        if on_gpu:
+            torch.cuda.synchronize()
     return profiler.key_averages(group_by_input_shape=shapes).table(
-        sort_by="self_cpu_time_total", row_limit=rows, max_shapes_column_width=60)
+        sort_by="self_cuda_time_total" if on_gpu else "self_cpu_time_total", row_limit=rows,
+        max_shapes_column_width=60)
 
 
 def saved_activations(model: torch.nn.Module) -> Counter:
@@ -88,14 +99,20 @@ def main() -> None:
                         help="one row per operator and input shapes")
     parser.add_argument("--keep-activations", action="store_true",
                         help="AttentionViG without its activation recomputation")
+    parser.add_argument("--device", default="cpu",
+                        help="cpu or cuda (train, eval, fused: batch 64 / 128 on a GPU)")
+    parser.add_argument("--amp", action="store_true", help="bf16 autocast")
     args = parser.parse_args()
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: CUDA is not available on this machine")
     allocator.apply(allocator.FAST)
     torch.manual_seed(0)
     model = timm.create_model(args.model, num_classes=1000)
     if args.keep_activations:
         model.set_activation_recompute(False)
     if args.mode != "saved":
-        print(operator_table(model, args.mode, args.rows, args.compile, args.shapes))
+        print(operator_table(model, args.mode, args.rows, args.compile, args.shapes,
+                             args.device, args.amp))
         return
     by_part = saved_activations(model)
     print(f"{args.model}: {sum(by_part.values()):.0f} MiB of activations kept for backward "
