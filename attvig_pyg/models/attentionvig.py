@@ -37,6 +37,17 @@ def conv_bn(in_chs: int, out_chs: int, kernel_size: int = 1, stride: int = 1,
                                    groups=groups), nn.BatchNorm2d(out_chs))
 
 
+def cyclic_form(aggregator: str, device: torch.device) -> bool:
+    """Whether a Grapher hands its SVGA or DAGC graph to its conv in the cyclic form (else as
+    an edge list). The rule, from measurement (docs/architecture.md, "Where inputs are
+    checked"): cross-attention always (its dense blocks beat an edge list on the CPU); the
+    per-edge aggregators (max-relative, the ViG harness's PyG convs) on accelerators only. On
+    the CPU their edge list is 3-4x faster: DAGC keeps about a quarter of its candidates, and
+    listing the kept ones costs the CPU no wait. On an accelerator that list's size, which
+    depends on the masks, would make the host wait for the device every forward."""
+    return aggregator == "cross_attn" or device.type != "cpu"
+
+
 def run_branch(branch: nn.Sequential, x: Tensor, recompute: Optional[str]) -> Tensor:
     """``branch(x)`` for a block's chain conv_bn, GELU, ..., conv_bn, keeping less of it for
     backward, where the rest runs again (:mod:`attvig_pyg.models.recompute`): ``"branch"``
@@ -160,14 +171,15 @@ class GraphMixer(nn.Module):
         return k, dilation
 
     def build(self, x: Tensor):
-        """The graph over the nodes of feature map ``x``: an EdgeIndex (kNN) or the cyclic form
-        (SVGA, DAGC), which both aggregators compute on without an edge list."""
+        """The graph over the nodes of feature map ``x``: an EdgeIndex (kNN); SVGA and DAGC in
+        the form :func:`cyclic_form` chooses."""
         height, width = x.shape[-2:]
         if self.graph == "knn":
             k, dilation = self.knn_params(height, width)
             return build_graph("knn", x, k=k, dilation=dilation)
         return build_graph(self.graph, x, k=self.shift(height, width),
-                           self_loops=self.aggregator == "max_relative", cyclic=True)
+                           self_loops=self.aggregator == "max_relative",
+                           cyclic=cyclic_form(self.aggregator, x.device))
 
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.cpe(x)

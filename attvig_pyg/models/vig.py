@@ -22,6 +22,7 @@ from torch_geometric.nn import EdgeConv, GINConv, SAGEConv
 from attvig_pyg.adjacency import CyclicAdjacency
 from attvig_pyg.graphs import GRAPH_POLICIES, build_graph
 from attvig_pyg.graphs.grid import default_steps
+from attvig_pyg.models import attentionvig
 from attvig_pyg.models.attentionvig import check_pool, run_taking, take_indices
 from attvig_pyg.models.checkpoints import check_fits, unwrap_state_dict
 from attvig_pyg.models.fusion import fuse_batchnorm
@@ -72,26 +73,31 @@ class GraphConv(nn.Module):
         return self.post(self.conv(x, graph))
 
     def _on_candidates(self, x: Tensor, graph: CyclicAdjacency) -> Tensor:
-        """A PyG conv on a masked cyclic graph (DAGC) without an edge list whose size depends
-        on the masks: every candidate is an edge, a masked one made neutral. For GIN's sum, an
+        """A PyG conv on a cyclic graph (an accelerator's form: :func:`~attvig_pyg.models.
+        attentionvig.cyclic_form`), for a masked one (DAGC) without an edge list whose size
+        depends on the masks: every candidate is an edge, a masked one made neutral. For GIN's sum, an
         edge from an extra node of zeros; for GraphSAGE's max, a second self-loop (the
         harness's axial graphs give every node one, and a repeated value leaves a max as it
         is); EdgeConv's messages are normalised over the edges, so its BatchNorm takes its
         statistics over the kept candidates alone and the others are left out of the max."""
         edge_index, mask = graph.candidate_edges()
-        if mask is None:
-            return self.conv(x, edge_index)
         source, target = edge_index
         if self.aggregator == "edge":  # EdgeConv: max_j nn([x_i, x_j - x_i])
             linear, norm, act = self.conv.nn
             at_target = x.index_select(0, target)
             messages = linear(torch.cat([at_target, x.index_select(0, source) - at_target], -1))
-            messages = act(masked_batch_norm(messages, mask, norm))
-            messages = messages.masked_fill(~mask.unsqueeze(-1), float("-inf"))
-            # (A max started from -inf, not zeros: a maximum of exactly zero, which the
-            # symmetric DAGC graph makes common here, would share its gradient with the start.)
+            if mask is None:
+                messages = act(norm(messages))
+            else:
+                messages = act(masked_batch_norm(messages, mask, norm))
+                messages = messages.masked_fill(~mask.unsqueeze(-1), float("-inf"))
+            # A max started from -inf, not from zeros as PyG's: on these symmetric graphs the
+            # normalised self-loop message is zero up to rounding, and a maximum of exactly
+            # zero shares its gradient with a zero start.
             return x.new_full((x.size(0), messages.size(1)), float("-inf")).scatter_reduce(
                 0, target.view(-1, 1).expand_as(messages), messages, "amax")
+        if mask is None:
+            return self.conv(x, edge_index)
         if self.aggregator == "gin":
             zeros = x.new_zeros(1, x.size(1))
             source = torch.where(mask, source, x.size(0))
@@ -135,11 +141,8 @@ class Grapher(nn.Module):
                                corruption=self.corruption)
         height, width = x.shape[-2:]
         # Vision GNN's kNN counts a node among its neighbours; the axial graphs do the same here.
-        # The cyclic form where the conv takes it (and always for DAGC, whose edge list would
-        # have a size that depends on its masks); PyG's convs take SVGA's cached edge_index.
-        cyclic = self.graph == "dagc" or self.conv.aggregator in ("cross_attn", "max_relative")
         return build_graph(self.graph, x, k=default_steps(height, width), self_loops=True,
-                           cyclic=cyclic)
+                           cyclic=attentionvig.cyclic_form(self.conv.aggregator, x.device))
 
     def forward(self, x: Tensor) -> Tensor:
         shortcut = x
