@@ -202,9 +202,7 @@ class CyclicAdjacency:
         receives), and which are edges, :obj:`[num_candidates]` (:obj:`None`: all): sizes
         that do not depend on the masks' values, so that nothing waits for an accelerator."""
         edges, masks = [torch.empty(2, 0, dtype=torch.long, device=self.device)], []
-        for part in self.parts:
-            sources = part.sources()
-            targets = part.cycles.unsqueeze(-1).expand_as(sources)
+        for part, sources, targets in self._part_candidates():
             edges.append(torch.stack([sources.reshape(-1), targets.reshape(-1)]))
             masks.append(part.edge_mask().reshape(-1) if part.mask is not None else
                          torch.ones(sources.numel(), dtype=torch.bool, device=self.device))
@@ -215,8 +213,19 @@ class CyclicAdjacency:
         """The edges as a :obj:`[2, num_edges]` tensor (row 0 sends, row 1 receives), in the
         order documented above. With masks, its size depends on their values (on an
         accelerator, the host waits for them)."""
-        edges, mask = self.candidate_edges()
-        return edges if mask is None else edges[:, mask]
+        edges = [torch.empty(2, 0, dtype=torch.long, device=self.device)]
+        for part, sources, targets in self._part_candidates():
+            if part.mask is not None:  # (selected per part: fewer copies than from the whole)
+                sources, targets = sources[part.edge_mask()], targets[part.edge_mask()]
+            edges.append(torch.stack([sources.reshape(-1), targets.reshape(-1)]))
+        return torch.cat(edges, dim=1)
+
+    def _part_candidates(self):
+        """Per part: the part, and its candidates' senders and receivers
+        ``[num_cycles, T, candidates]``."""
+        for part in self.parts:
+            sources = part.sources()
+            yield part, sources, part.cycles.unsqueeze(-1).expand_as(sources)
 
     def __repr__(self) -> str:
         parts = ", ".join(f"{tuple(p.cycles.shape)} x "
