@@ -1,7 +1,7 @@
 """A DistributedDataParallel training step of AttentionViG-S with 2 CPU processes (gloo), with the
 weights in the layout the training programs give them under DDP (channels-last, the layout of
 their gradients) against the default layout, in which DDP copies every conv weight's gradient
-into its bucket and warns "Grad strides do not match bucket view strides" at every step.
+into its bucket and warns "Grad strides do not match bucket view strides" (once per process).
 Rounds interleaved, each measurement a fresh pair of processes; results to docs/benchmarks.md.
 
     python experiments/benchmark_ddp.py [--rounds 3] [--steps 8]
@@ -79,8 +79,8 @@ def main() -> None:
             f"{args.steps} after two warm-up steps, best of {args.rounds} interleaved rounds). "
             "'channels_last': the 4-d weights in the layout of their gradients before DDP is "
             "built (what the training programs do); 'contiguous': as before, each conv weight's "
-            "gradient copied into its bucket with DDP's warning at every step (the count is "
-            "the warnings one process saw in all its steps).\n\n" +
+            "gradient copied into a bucket laid out otherwise, and DDP's warning (given once "
+            "per process; the count is rank 0's over all its steps).\n\n" +
             markdown_table(["weights", "step ms", "vs contiguous", "stride warnings"], rows))
     update_section("DistributedDataParallel: weights in their gradients' layout", body)
     print(body)
