@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import attvig_pyg.models  # noqa: F401
-from attvig_pyg.models import attentionvig
+from attvig_pyg.nn import checks
 from attvig_pyg import CrossAttnConv
 from attvig_pyg.graphs import build_graph, knn_graph
 from attvig_pyg.models import SemanticFPN, attentionvig_fpn_backbone
@@ -40,12 +40,17 @@ def reference():
 UNSTABLE_BEFORE = {"vig-edge-dagc": ".conv.conv.nn.1.bias", "vig-edge-svga": ".conv.conv.nn.1.bias"}
 
 
+def as_on_an_accelerator(monkeypatch):
+    """The library's one device rule (checks.host_reads_are_free) answered as on an
+    accelerator: the Graphers hand every conv the cyclic form, node ids go unread."""
+    monkeypatch.setattr(checks, "host_reads_are_free", lambda device: False)
+
+
 @pytest.fixture(params=["cpu_forms", "accelerator_forms"])
 def graph_forms(request, monkeypatch):
-    """The graph forms a Grapher hands its conv: the CPU's choice, or (patched) what it hands
-    it on an accelerator (attentionvig.cyclic_form: the cyclic form for every aggregator)."""
+    """The CPU's choices, or an accelerator's."""
     if request.param == "accelerator_forms":
-        monkeypatch.setattr(attentionvig, "cyclic_form", lambda aggregator, device: True)
+        as_on_an_accelerator(monkeypatch)
     return request.param
 
 
@@ -76,9 +81,9 @@ def steady_step_syncs(model: torch.nn.Module, images: torch.Tensor):
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_no_host_sync_in_a_steady_training_step(name, monkeypatch):
-    """On the graph forms an accelerator gets (on the CPU itself, the per-edge aggregators on
-    DAGC list its kept edges, which costs a CPU no wait: attentionvig.cyclic_form)."""
-    monkeypatch.setattr(attentionvig, "cyclic_form", lambda aggregator, device: True)
+    """The path an accelerator takes (on the CPU itself, where reading values costs no wait,
+    node ids are checked and the per-edge aggregators get DAGC's kept edges listed)."""
+    as_on_an_accelerator(monkeypatch)
     factory, size = CASES[name]
     model = factory().train()
     assert steady_step_syncs(model, torch.randn(2, 3, size, size)) == {}
@@ -263,3 +268,11 @@ def test_edge_index_ids_on_an_accelerator_are_read_under_debug_only():
     fake_cuda_forward(module, feature_map)
     with torch_geometric.debug(), pytest.raises(Exception, match="_local_scalar_dense"):
         fake_cuda_forward(module, feature_map)
+
+
+def test_an_edge_index_with_ids_beyond_its_size_is_an_error_on_the_cpu():
+    """On the CPU an EdgeIndex's ids are checked like a plain edge_index's (PyG's own
+    get_indptr corrupts memory on such an index)."""
+    bad = EdgeIndex(torch.tensor([[0, 1, 7], [1, 2, 3]]), sparse_size=(4, 4)).sort_by("col")[0]
+    with pytest.raises(IndexError, match="source node id 7, outside the valid range"):
+        CrossAttnConv(8, 8, heads=2)(torch.randn(4, 8), bad)

@@ -171,3 +171,19 @@ def test_the_worked_example_runs():
     for block in re.findall(r"```python\n(.*?)```", text, re.S):
         exec(compile(block, "general-graphs.md", "exec"), namespace)
     assert namespace["gat_logits"].shape == namespace["cross_logits"].shape == (50, 4)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("conv", ["cross_attn", "cross_attn_edges"])
+def test_amp_trains_the_superpixel_classifier(few_graphs, tmp_path, dtype, conv):
+    """--amp on the CPU (torch's CPU autocast; GradScaler("cpu") for float16)."""
+    import json
+    import math
+
+    import superpixels
+    output = tmp_path / "amp"
+    superpixels.main(["--run", "--conv", conv, "--output", str(output), "--amp", "--amp-dtype",
+                      dtype, *few_graphs])
+    results = json.loads((output / "results.json").read_text())
+    assert math.isfinite(results["final"]["train"]["loss"])
+    assert results["config"]["amp"] and results["config"]["amp_dtype"] == dtype

@@ -21,7 +21,7 @@ from attvig_pyg.graphs import GRAPH_POLICIES, build_graph
 from attvig_pyg.graphs.grid import IntOrPair, as_pair, default_steps
 from attvig_pyg.models.fusion import fuse_batchnorm
 from attvig_pyg.models.recompute import recompute_in_backward
-from attvig_pyg.nn import CrossAttnConv, MaxRelativeConv
+from attvig_pyg.nn import CrossAttnConv, MaxRelativeConv, checks
 
 __all__ = ["AttentionViG"]
 
@@ -41,11 +41,12 @@ def cyclic_form(aggregator: str, device: torch.device) -> bool:
     """Whether a Grapher hands its SVGA or DAGC graph to its conv in the cyclic form (else as
     an edge list). The rule, from measurement (docs/architecture.md, "Where inputs are
     checked"): cross-attention always (its dense blocks beat an edge list on the CPU); the
-    per-edge aggregators (max-relative, the ViG harness's PyG convs) on accelerators only. On
-    the CPU their edge list is 3-4x faster: DAGC keeps about a quarter of its candidates, and
-    listing the kept ones costs the CPU no wait. On an accelerator that list's size, which
-    depends on the masks, would make the host wait for the device every forward."""
-    return aggregator == "cross_attn" or device.type != "cpu"
+    per-edge aggregators (max-relative, the ViG harness's PyG convs) only where the host
+    cannot read values for free (:func:`~attvig_pyg.nn.checks.host_reads_are_free`). On the
+    CPU their edge list is 3-4x faster: DAGC keeps about a quarter of its candidates, and
+    listing the kept ones costs no wait. On an accelerator that list's size, which depends on
+    the masks, would make the host wait for the device every forward."""
+    return aggregator == "cross_attn" or not checks.host_reads_are_free(device)
 
 
 def run_branch(branch: nn.Sequential, x: Tensor, recompute: Optional[str]) -> Tensor:

@@ -16,6 +16,15 @@ from torch_geometric.utils import is_torch_sparse_tensor
 from attvig_pyg.adjacency import CyclicAdjacency
 
 
+def host_reads_are_free(device: torch.device) -> bool:
+    """Whether the host can read a tensor's values on ``device`` without waiting: on the CPU,
+    the host is the device; an accelerator would have to finish its queue first. The one rule
+    behind every choice that depends on the device: the node-id checks below, and which graph
+    form a model hands its convs (:func:`attvig_pyg.models.attentionvig.cyclic_form`)."""
+    return device.type == "cpu"
+
+
+
 def check_node_features(x: Tensor, channels: int, role: str) -> None:
     """Raises if ``x`` is not ``[num_nodes, channels]`` (``channels < 0``: any width)."""
     if not isinstance(x, Tensor):
@@ -36,12 +45,12 @@ def check_adjacency(edge_index, x_src: Tensor, x_dst: Tensor) -> None:
     :class:`~attvig_pyg.adjacency.CyclicAdjacency` joins the nodes of one set (its node ids were
     checked when it was made, or it came from a builder).
 
-    The node ids of a plain ``edge_index`` are read and checked on the CPU (where reading them
-    costs no wait), and on an accelerator only under :func:`torch_geometric.debug` (as PyG's
-    own convs do); never while :func:`torch.compile` traces. An
-    :class:`~torch_geometric.EdgeIndex` carries its own contract (its sparse size is checked
-    here; its ids by :meth:`EdgeIndex.validate`, which its maker calls: the kNN builder's are
-    correct by construction).
+    The node ids of an ``edge_index`` (a plain tensor or an :class:`~torch_geometric.EdgeIndex`,
+    whose sparse size is checked too) are read and checked where that costs no wait
+    (:func:`host_reads_are_free`: the CPU), and on an accelerator only under
+    :func:`torch_geometric.debug` (as PyG's own convs do); never while :func:`torch.compile`
+    traces. (An EdgeIndex with ids beyond its sparse size corrupts memory in PyG's own
+    ``get_indptr``: on the CPU it never gets that far.)
     """
     num_src, num_dst = x_src.size(0), x_dst.size(0)
     if isinstance(edge_index, CyclicAdjacency):
@@ -73,9 +82,8 @@ def check_adjacency(edge_index, x_src: Tensor, x_dst: Tensor) -> None:
             if size[row] is not None and size[row] != count:
                 raise ValueError(f"The EdgeIndex has {size[row]} {name} nodes (its sparse "
                                  f"size), but the {name} node features hold {count}")
-        return
-    if edge_index.numel() == 0 or torch.compiler.is_compiling() or (
-            edge_index.device.type != "cpu" and not torch_geometric.is_debug_enabled()):
+    if edge_index.numel() == 0 or torch.compiler.is_compiling() or not (
+            host_reads_are_free(edge_index.device) or torch_geometric.is_debug_enabled()):
         return
     for row, name, count in ((0, "source", num_src), (1, "target", num_dst)):
         low, high = int(edge_index[row].min()), int(edge_index[row].max())
