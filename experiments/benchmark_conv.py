@@ -112,11 +112,13 @@ def main() -> None:
     table = markdown_table(["case", "conv", "fwd+bwd ms", "time vs TransformerConv",
                             "peak MiB", "memory vs TransformerConv"], rows)
     command = "python experiments/benchmark_conv.py " + " ".join(sys.argv[1:])
+    on_gpu = args.device != "cpu"
     body = (f"Command: `{command.strip()}` ({environment()}"
-            f"{', ' + torch.cuda.get_device_name() if args.device != 'cpu' else ''}; best of {args.rounds} interleaved "
-            f"rounds x {args.repeats} steps, each (case, conv) in a fresh process).\n"
-            "Memory: peak RSS of the measured forward+backward minus the RSS before it "
-            "(see experiments/benchmarking.py). Same in/out channels (C) and 8 heads for "
+            f"{', ' + torch.cuda.get_device_name() if on_gpu else ''}; best of {args.rounds} "
+            f"interleaved rounds x {args.repeats} steps, each (case, conv) in a fresh process).\n"
+            f"Memory: peak {'of the CUDA allocator' if on_gpu else 'RSS'} during the measured "
+            "forward+backward minus before it (see experiments/benchmarking.py). Same in/out "
+            "channels (C) and 8 heads for "
             "every conv; GATv2Conv without added self-loops.\n\n" + table + "\n\n"
             "Where the difference comes from: CrossAttnConv has no softmax and normalises q and k "
             "per node. On a plain edge_index it passes per-edge messages like every PyG conv (what "
@@ -128,7 +130,6 @@ def main() -> None:
             "keep several. On a CyclicAdjacency there is no per-edge gather at all: complete "
             "cycles (a, b) are scored as dense blocks in batched products, sparse ones (d) as one "
             "shift per neighbour offset.")
-    on_gpu = args.device != "cpu"
     update_section("CrossAttnConv vs PyG attention convs" +
                    (f" on {torch.cuda.get_device_name()}" if on_gpu else ""), body)
     print(table)

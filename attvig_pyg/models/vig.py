@@ -75,8 +75,8 @@ class GraphConv(nn.Module):
     def _on_candidates(self, x: Tensor, graph: CyclicAdjacency) -> Tensor:
         """A PyG conv on a cyclic graph (an accelerator's form: :func:`~attvig_pyg.models.
         attentionvig.cyclic_form`), for a masked one (DAGC) without an edge list whose size
-        depends on the masks: every candidate is an edge, a masked one made neutral. For GIN's sum, an
-        edge from an extra node of zeros; for GraphSAGE's max, a second self-loop (the
+        depends on the masks: every candidate is an edge, a masked one made neutral. For GIN's
+        sum, an edge from an extra node of zeros; for GraphSAGE's max, a second self-loop (the
         harness's axial graphs give every node one, and a repeated value leaves a max as it
         is); EdgeConv's messages are normalised over the edges, so its BatchNorm takes its
         statistics over the kept candidates alone and the others are left out of the max."""
