@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves, tree_map
+from torch.utils._pytree import tree_leaves
 
 aten = torch.ops.aten
 # Ops whose result the host must wait for: a value read (.item(), int(t), bool(t)) or an output
@@ -59,17 +59,14 @@ def fake_cuda_call(module: torch.nn.Module, *inputs):
     mode = FakeTensorMode()
     state = dict(module.named_parameters())
     state.update(module.named_buffers())
+    # (Real tensors are detached and made fake outside the mode, which takes fake ones only.)
     state = {name: (mode.from_tensor(t.detach()), t.requires_grad) for name, t in state.items()}
-    inputs = tree_map(lambda t: (mode.from_tensor(t.detach()), t.requires_grad)
-                      if isinstance(t, Tensor) else t, inputs, )
+    inputs = [mode.from_tensor(t.detach()) if isinstance(t, Tensor) else t for t in inputs]
     recorder = CpuRecorder()
     with mode:
-        def to_cuda(pair):
-            fake, grad = pair
-            return fake.to("cuda").requires_grad_(grad)
-        state = {name: to_cuda(pair) for name, pair in state.items()}
-        inputs = tuple(to_cuda(x) if isinstance(x, tuple) and len(x) == 2 and
-                       isinstance(x[0], Tensor) else x for x in inputs)
+        state = {name: fake.to("cuda").requires_grad_(grad)
+                 for name, (fake, grad) in state.items()}
+        inputs = tuple(t.to("cuda") if isinstance(t, Tensor) else t for t in inputs)
         with recorder:
             out = torch.func.functional_call(module, state, inputs)
     return out, recorder.ops

@@ -100,10 +100,6 @@ def test_the_sync_counter_counts():
                            "aten.bincount.default": 1}
 
 
-def fake_cuda_forward(module: torch.nn.Module, *inputs):
-    return fake_cuda_call(module, *inputs)
-
-
 @pytest.fixture(autouse=True)
 def _pyg_without_torch_scatter(monkeypatch, request):
     """torch-scatter here is a CPU build, which PyG would call for max reductions of cuda
@@ -120,7 +116,7 @@ def test_forward_on_fake_cuda(name, mode):
     factory, size = ALL_SIZES[name]
     model = factory().train(mode == "train")
     # (Forward only: autograd's engine needs a real CUDA context for a backward pass.)
-    out, cpu_ops = fake_cuda_forward(model, torch.randn(2, 3, size, size))
+    out, cpu_ops = fake_cuda_call(model, torch.randn(2, 3, size, size))
     assert first_output(out).device.type == "cuda"
     assert cpu_ops == [], f"made on the CPU inside the forward: {sorted(set(cpu_ops))}"
 
@@ -133,12 +129,12 @@ def test_the_fake_cuda_run_catches_host_tensors_and_data_dependent_ops():
     class DataDependent(torch.nn.Module):
         def forward(self, x):
             return x[x > 0]
-    _, cpu_ops = fake_cuda_forward(torch.nn.Identity(), torch.randn(3))
+    _, cpu_ops = fake_cuda_call(torch.nn.Identity(), torch.randn(3))
     assert cpu_ops == []
     with pytest.raises(RuntimeError):  # a CPU tensor added to a cuda one
-        fake_cuda_forward(Host(), torch.randn(3))
+        fake_cuda_call(Host(), torch.randn(3))
     with pytest.raises(Exception, match="nonzero|dynamic|data"):
-        fake_cuda_forward(DataDependent(), torch.randn(3))
+        fake_cuda_call(DataDependent(), torch.randn(3))
 
 
 class ConvOnGrid(torch.nn.Module):
@@ -179,13 +175,13 @@ class ConvOnGrid(torch.nn.Module):
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_conv_on_fake_cuda(form, mode):
     module = ConvOnGrid(form).train(mode == "train")
-    out, cpu_ops = fake_cuda_forward(module, torch.randn(2, 16, 6, 6))
+    out, cpu_ops = fake_cuda_call(module, torch.randn(2, 16, 6, 6))
     assert out.device.type == "cuda" and out.shape == (72, 16)
     assert cpu_ops == [], sorted(set(cpu_ops))
 
 
 def test_conv_with_edge_features_on_fake_cuda():
-    out, cpu_ops = fake_cuda_forward(ConvOnGrid("edge_index", edge_dim=3).train(),
+    out, cpu_ops = fake_cuda_call(ConvOnGrid("edge_index", edge_dim=3).train(),
                                      torch.randn(2, 16, 6, 6))
     assert out.device.type == "cuda" and cpu_ops == [], sorted(set(cpu_ops))
 
@@ -198,7 +194,7 @@ def test_dense_prediction_on_fake_cuda(mode):
         timm.create_model("attentionvig_s", num_classes=0)), num_classes=5)
     images = torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE)
     for module in (backbone, segmenter):
-        out, cpu_ops = fake_cuda_forward(module.train(mode == "train"), images)
+        out, cpu_ops = fake_cuda_call(module.train(mode == "train"), images)
         first = next(iter(out.values())) if isinstance(out, dict) else out
         assert first.device.type == "cuda" and cpu_ops == [], sorted(set(cpu_ops))
 
@@ -265,9 +261,9 @@ def test_edge_index_ids_on_an_accelerator_are_read_under_debug_only():
     the check reads values (which a FakeTensor cannot give)."""
     import torch_geometric
     module, feature_map = ConvOnGrid("edge_index"), torch.randn(2, 16, 6, 6)
-    fake_cuda_forward(module, feature_map)
+    fake_cuda_call(module, feature_map)
     with torch_geometric.debug(), pytest.raises(Exception, match="_local_scalar_dense"):
-        fake_cuda_forward(module, feature_map)
+        fake_cuda_call(module, feature_map)
 
 
 def test_an_edge_index_with_ids_beyond_its_size_is_an_error_on_the_cpu():

@@ -22,8 +22,7 @@ from torch_geometric.nn import EdgeConv, GINConv, SAGEConv
 from attvig_pyg.adjacency import CyclicAdjacency
 from attvig_pyg.graphs import GRAPH_POLICIES, build_graph
 from attvig_pyg.graphs.grid import default_steps
-from attvig_pyg.models import attentionvig
-from attvig_pyg.models.attentionvig import check_pool, run_taking, take_indices
+from attvig_pyg.models.attentionvig import check_pool, cyclic_form, run_taking, take_indices
 from attvig_pyg.models.checkpoints import check_fits, unwrap_state_dict
 from attvig_pyg.models.fusion import fuse_batchnorm
 from attvig_pyg.nn import CrossAttnConv, GroupedLinear, MaxRelativeConv
@@ -142,7 +141,7 @@ class Grapher(nn.Module):
         height, width = x.shape[-2:]
         # Vision GNN's kNN counts a node among its neighbours; the axial graphs do the same here.
         return build_graph(self.graph, x, k=default_steps(height, width), self_loops=True,
-                           cyclic=attentionvig.cyclic_form(self.conv.aggregator, x.device))
+                           cyclic=cyclic_form(self.conv.aggregator, x.device))
 
     def forward(self, x: Tensor) -> Tensor:
         shortcut = x

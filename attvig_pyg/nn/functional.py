@@ -63,14 +63,12 @@ def attention_weights(similarities: Sequence[Tensor], targets: Sequence[Tensor],
             row_peak = candidates.amax(dim=-1).reshape(-1, candidates.size(-2))
             peak.scatter_reduce_(0, target.reshape(-1, 1).expand_as(row_peak), row_peak, "amax")
         peak = peak.masked_fill(peak == float("-inf"), 0.0)  # nodes without edges
-        # A masked candidate may lie far above its node's peak: it leaves the exponent
-        # (exp(beta * gap) would overflow, and inf times its zero mask is NaN, its gradient too).
         weights = [torch.exp(_masked_out(beta * (similarity - peak[target].unsqueeze(-1)), mask))
                    for similarity, target, mask in zip(similarities, targets, masks)]
         total = _per_node(weights, targets, num_nodes)
         total = total.masked_fill(total == 0, 1.0)  # nodes whose candidates are all masked
         return [weight / total[target].unsqueeze(-1) for weight, target in zip(weights, targets)]
-    weights = [_masked(torch.exp(beta * (similarity - 1.0)), mask)
+    weights = [torch.exp(_masked_out(beta * (similarity - 1.0), mask))
                for similarity, mask in zip(similarities, masks)]
     if normalize == "mean":
         counts = [weight.new_ones(*weight.shape[:-2], 1, weight.size(-1)) if mask is None else
@@ -83,14 +81,11 @@ def attention_weights(similarities: Sequence[Tensor], targets: Sequence[Tensor],
 
 
 def _masked_out(exponent: Tensor, mask: Optional[Tensor]) -> Tensor:
-    """-inf (a weight of zero) at masked candidates (after beta: beta times -inf would give
-    beta a NaN gradient)."""
+    """-inf (a weight of zero) at masked candidates, in the exponent: a masked candidate may
+    lie far above its node's peak, where exp would overflow and inf times a zero mask is NaN.
+    (After beta: beta times -inf would give beta a NaN gradient.)"""
     return exponent if mask is None else exponent.masked_fill(~mask.unsqueeze(-2),
                                                               float("-inf"))
-
-
-def _masked(weight: Tensor, mask: Optional[Tensor]) -> Tensor:
-    return weight if mask is None else weight * mask.unsqueeze(-2)
 
 
 def _per_node(values: Sequence[Tensor], targets: Sequence[Tensor], num_nodes: int) -> Tensor:
@@ -213,7 +208,9 @@ def cyclic_max_relative(x: Tensor, adjacency: CyclicAdjacency) -> Tensor:
     r"""Eq. 1's relative term over a :class:`~attvig_pyg.adjacency.CyclicAdjacency`:
     :math:`\max_{j \in \mathcal{N}(i)} (x_j - x_i)` element-wise, ``[num_nodes, channels]``
     (zeros for a node without edges, as PyG's max over nothing), computed as the official
-    GreedyViG computes it: a shift of the cycles per offset, masked candidates left out. The
+    GreedyViG computes it: a shift of the cycles per offset, masked candidates left out. As
+    :math:`(\max_j x_j) - x_i`: the same values (a rounded difference grows with
+    :math:`x_j`) and gradients, one subtraction per node instead of one per candidate. The
     maximum over a node's candidates is one reduction, so that tied maxima share the gradient
     as in PyG's scatter-max."""
     best = []
@@ -221,14 +218,14 @@ def cyclic_max_relative(x: Tensor, adjacency: CyclicAdjacency) -> Tensor:
         if not part.candidates_per_node:
             continue
         at_node = _in_cycles(x, part)                                      # [P, T, C]
-        if part.offsets is None:  # every member a candidate: [P, T, T, C], x_u - x_t
-            relative = at_node.unsqueeze(1) - at_node.unsqueeze(2)
+        if part.offsets is None:  # every member a candidate: [P, T, T, C]
+            candidates = at_node.unsqueeze(1).expand(-1, at_node.size(1), -1, -1)
         else:                     # [P, T, M, C]
-            relative = torch.stack([at_node.roll(offset, dims=1) - at_node
-                                    for offset in part.offsets], dim=2)
+            candidates = torch.stack([at_node.roll(offset, dims=1) for offset in part.offsets],
+                                     dim=2)
         if part.mask is not None:
-            relative = relative.masked_fill(~part.mask.unsqueeze(-1), float("-inf"))
-        per_cycle = relative.amax(dim=2).flatten(0, 1)                    # [P * T, C]
+            candidates = candidates.masked_fill(~part.mask.unsqueeze(-1), float("-inf"))
+        per_cycle = candidates.amax(dim=2).flatten(0, 1)                  # [P * T, C]
         if part.inverse is not None:
             best.append(_PermuteRows.apply(per_cycle, part.inverse, part.cycles.flatten()))
         else:
@@ -236,7 +233,7 @@ def cyclic_max_relative(x: Tensor, adjacency: CyclicAdjacency) -> Tensor:
                 0, part.cycles.flatten().view(-1, 1).expand_as(per_cycle), per_cycle, "amax"))
     if not best:
         return torch.zeros_like(x)
-    out = best[0] if len(best) == 1 else torch.stack(best).amax(dim=0)
+    out = (best[0] if len(best) == 1 else torch.stack(best).amax(dim=0)) - x
     return out.masked_fill(out == float("-inf"), 0.0)
 
 
