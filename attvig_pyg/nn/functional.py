@@ -165,8 +165,9 @@ def cyclic_scores(query: Tensor, key: Tensor,
     (:func:`scores_densely`) score all T members of the cycle; the others one shift per offset,
     in the order of ``part.offsets``."""
     at_node, keys = _in_cycles(query, part), _in_cycles(key, part)
-    if scores_densely(part):
-        return torch.einsum("pthd,puhd->pthu", at_node, keys), _dense_mask(part)
+    if scores_densely(part):  # [P, H, T, d] @ [P, H, d, T], viewed as [P, T, H, T]
+        scores = torch.matmul(at_node.transpose(1, 2), keys.permute(0, 2, 3, 1))
+        return scores.transpose(1, 2), _dense_mask(part)
     if not part.offsets:  # no candidates: an empty result that is still part of the autograd
         return (at_node * keys).sum(dim=-1).unsqueeze(-1)[..., :0], part.mask  # graph (DDP)
     shifts = [(at_node * keys.roll(offset, dims=1)).sum(dim=-1) for offset in part.offsets]
@@ -177,8 +178,8 @@ def cyclic_sum(weight: Tensor, value: Tensor, part: CyclicNeighbours) -> Tensor:
     """``[num_cycles, T, heads, head_dim]``: every node's sum of its candidates' values, with
     ``weight`` in the layout of :func:`cyclic_scores`."""
     values = _in_cycles(value, part)
-    if scores_densely(part):
-        return torch.einsum("pthu,puhd->pthd", weight, values)
+    if scores_densely(part):  # [P, H, T, T] @ [P, H, T, d], viewed as [P, T, H, d]
+        return torch.matmul(weight.transpose(1, 2), values.transpose(1, 2)).transpose(1, 2)
     out = values * weight.sum(dim=-1).unsqueeze(-1) if not part.offsets else None  # zeros
     for i, offset in enumerate(part.offsets):
         term = weight[..., i].unsqueeze(-1) * values.roll(offset, dims=1)
