@@ -126,22 +126,44 @@ class _PermuteRows(torch.autograd.Function):
         return grad.index_select(0, inverse), None, None
 
 
-def _in_cycles(x: Tensor, part: CyclicNeighbours) -> Tensor:
-    """``[num_nodes, ...]`` node values as ``[num_cycles, T, ...]``."""
-    cycles = part.cycles
-    if part.inverse is not None:
-        gathered = _PermuteRows.apply(x, cycles.flatten(), part.inverse)
-    else:
-        gathered = x.index_select(0, cycles.flatten())
-    return gathered.view(*cycles.shape, *x.shape[1:])
+def _head_rows(part: CyclicNeighbours, heads: int) -> Tuple[Tensor, Optional[Tensor]]:
+    """Where the rows of ``[num_nodes * heads, head_dim]`` (node-major) go in the
+    ``[num_cycles, heads, T]`` order of the kernels, and (for a part with an ``inverse``) the
+    inverse permutation: one gather moves node values into the layout of the batched matmuls,
+    with no transpose before or after it."""
+    length = part.cycles.size(1)
+    if heads == 1:
+        return part.cycles.flatten(), part.inverse
+    head = torch.arange(heads, device=part.cycles.device)
+    index = (part.cycles.unsqueeze(1) * heads + head.view(1, -1, 1)).flatten()
+    if part.inverse is None:
+        return index, None
+    # (The divisor as a tensor: ONNX's exporter takes no symbolic scalar divisor.)
+    cycle = torch.div(part.inverse, part.inverse.new_full((), length), rounding_mode="floor")
+    position = part.inverse - cycle * length
+    inverse = ((cycle.unsqueeze(1) * heads + head) * length + position.unsqueeze(1)).flatten()
+    return index, inverse
 
 
-def _add_to_nodes(out: Tensor, values: Tensor, part: CyclicNeighbours) -> Tensor:
-    """``out`` plus ``[num_cycles * T, ...]`` values, in the order of ``part.cycles``, added to
-    their nodes."""
-    if part.inverse is not None:
-        return out + _PermuteRows.apply(values, part.inverse, part.cycles.flatten())
-    return out.index_add_(0, part.cycles.flatten(), values)
+def _in_cycles(x: Tensor, part: CyclicNeighbours, rows: Tuple[Tensor, Optional[Tensor]]
+               ) -> Tensor:
+    """``[num_nodes, heads, head_dim]`` node values as ``[num_cycles, heads, T, head_dim]``
+    (``rows``: :func:`_head_rows`)."""
+    index, inverse = rows
+    flat = x.reshape(-1, x.size(-1))
+    gathered = (_PermuteRows.apply(flat, index, inverse) if inverse is not None else
+                flat.index_select(0, index))
+    return gathered.view(part.cycles.size(0), x.size(1), part.cycles.size(1), x.size(-1))
+
+
+def _add_to_nodes(out: Tensor, values: Tensor, rows: Tuple[Tensor, Optional[Tensor]]) -> Tensor:
+    """``out`` ``[num_nodes, heads, head_dim]`` plus values in the layout of
+    :func:`_in_cycles`, added to their nodes."""
+    index, inverse = rows
+    flat = values.reshape(-1, values.size(-1))
+    if inverse is not None:
+        return out + _PermuteRows.apply(flat, inverse, index).view_as(out)
+    return out.view(-1, out.size(-1)).index_add_(0, index, flat).view_as(out)
 
 
 def _dense_mask(part: CyclicNeighbours) -> Tensor:
@@ -157,32 +179,37 @@ def _dense_mask(part: CyclicNeighbours) -> Tensor:
                        device=behind.device).scatter_(2, behind.expand_as(part.mask), part.mask)
 
 
-def cyclic_scores(query: Tensor, key: Tensor,
-                  part: CyclicNeighbours) -> Tuple[Tensor, Optional[Tensor]]:
+def cyclic_scores(query: Tensor, key: Tensor, part: CyclicNeighbours,
+                  rows: Optional[Tuple[Tensor, Optional[Tensor]]] = None
+                  ) -> Tuple[Tensor, Optional[Tensor]]:
     """Every node's query against the keys of its candidates: scores
-    ``[num_cycles, T, heads, candidates]`` and the mask, broadcastable to
-    ``[num_cycles, T, candidates]``, of which are edges (``None``: all). Dense parts
-    (:func:`scores_densely`) score all T members of the cycle; the others one shift per offset,
-    in the order of ``part.offsets``."""
-    at_node, keys = _in_cycles(query, part), _in_cycles(key, part)
-    if scores_densely(part):  # [P, H, T, d] @ [P, H, d, T], viewed as [P, T, H, T]
-        scores = torch.matmul(at_node.transpose(1, 2), keys.permute(0, 2, 3, 1))
-        return scores.transpose(1, 2), _dense_mask(part)
+    ``[num_cycles, T, heads, candidates]`` (a view of a ``[num_cycles, heads, T,
+    candidates]`` tensor) and the mask, broadcastable to ``[num_cycles, T, candidates]``, of
+    which are edges (``None``: all). Dense parts (:func:`scores_densely`) score all T members
+    of the cycle; the others one shift per offset, in the order of ``part.offsets``.
+    ``rows``: :func:`_head_rows` of the part, if already made."""
+    rows = rows or _head_rows(part, query.size(1))
+    at_node, keys = _in_cycles(query, part, rows), _in_cycles(key, part, rows)  # [P, H, T, d]
+    if scores_densely(part):
+        return torch.matmul(at_node, keys.transpose(-1, -2)).transpose(1, 2), _dense_mask(part)
     if not part.offsets:  # no candidates: an empty result that is still part of the autograd
-        return (at_node * keys).sum(dim=-1).unsqueeze(-1)[..., :0], part.mask  # graph (DDP)
-    shifts = [(at_node * keys.roll(offset, dims=1)).sum(dim=-1) for offset in part.offsets]
-    return torch.stack(shifts, dim=-1), part.mask
+        empty = (at_node * keys).sum(dim=-1).unsqueeze(-1)[..., :0]  # graph (DDP)
+        return empty.transpose(1, 2), part.mask
+    shifts = [(at_node * keys.roll(offset, dims=2)).sum(dim=-1) for offset in part.offsets]
+    return torch.stack(shifts, dim=-1).transpose(1, 2), part.mask
 
 
-def cyclic_sum(weight: Tensor, value: Tensor, part: CyclicNeighbours) -> Tensor:
-    """``[num_cycles, T, heads, head_dim]``: every node's sum of its candidates' values, with
+def cyclic_sum(weight: Tensor, value: Tensor, part: CyclicNeighbours,
+               rows: Optional[Tuple[Tensor, Optional[Tensor]]] = None) -> Tensor:
+    """``[num_cycles, heads, T, head_dim]``: every node's sum of its candidates' values, with
     ``weight`` in the layout of :func:`cyclic_scores`."""
-    values = _in_cycles(value, part)
-    if scores_densely(part):  # [P, H, T, T] @ [P, H, T, d], viewed as [P, T, H, d]
-        return torch.matmul(weight.transpose(1, 2), values.transpose(1, 2)).transpose(1, 2)
+    values = _in_cycles(value, part, rows or _head_rows(part, value.size(1)))
+    weight = weight.transpose(1, 2)  # [P, H, T, candidates]
+    if scores_densely(part):
+        return torch.matmul(weight, values)
     out = values * weight.sum(dim=-1).unsqueeze(-1) if not part.offsets else None  # zeros
     for i, offset in enumerate(part.offsets):
-        term = weight[..., i].unsqueeze(-1) * values.roll(offset, dims=1)
+        term = weight[..., i].unsqueeze(-1) * values.roll(offset, dims=2)
         out = term if out is None else out + term
     return out
 
@@ -193,15 +220,17 @@ def cyclic_attention(query: Tensor, key: Tensor, value: Tensor, adjacency: Cycli
     """Eq. 4-6 over a :class:`~attvig_pyg.adjacency.CyclicAdjacency`: the aggregated messages
     ``[num_nodes, heads, head_dim]`` and every part's weights before dropout, in the layout of
     :func:`cyclic_scores` (:func:`cyclic_edge_weights` lists them per edge)."""
-    scored = [cyclic_scores(query, key, part) for part in adjacency.parts]
+    rows = [_head_rows(part, query.size(1)) for part in adjacency.parts]
+    scored = [cyclic_scores(query, key, part, part_rows)
+              for part, part_rows in zip(adjacency.parts, rows)]
     weights = attention_weights([scores for scores, _ in scored],
                                 [part.cycles for part in adjacency.parts],
                                 [mask for _, mask in scored], log_beta, normalize,
                                 adjacency.num_nodes)
     out = value.new_zeros(adjacency.num_nodes, *value.shape[1:])
-    for part, weight in zip(adjacency.parts, weights):
+    for part, part_rows, weight in zip(adjacency.parts, rows, weights):
         dropped = torch.nn.functional.dropout(weight, p=dropout, training=training)
-        out = _add_to_nodes(out, cyclic_sum(dropped, value, part).flatten(0, 1), part)
+        out = _add_to_nodes(out, cyclic_sum(dropped, value, part, part_rows), part_rows)
     return out, weights
 
 
@@ -218,7 +247,7 @@ def cyclic_max_relative(x: Tensor, adjacency: CyclicAdjacency) -> Tensor:
     for part in adjacency.parts:
         if not part.candidates_per_node:
             continue
-        at_node = _in_cycles(x, part)                                      # [P, T, C]
+        at_node = _in_cycles(x.unsqueeze(1), part, _head_rows(part, 1)).squeeze(1)  # [P, T, C]
         if part.offsets is None:  # every member a candidate: [P, T, T, C]
             candidates = at_node.unsqueeze(1).expand(-1, at_node.size(1), -1, -1)
         else:                     # [P, T, M, C]
