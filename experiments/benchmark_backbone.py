@@ -7,17 +7,27 @@ batch 1, from 224 px to detection sizes), whole and as a feature extractor besid
 Every measurement runs in a fresh process; the runs are interleaved and the best of the rounds is
 kept. Results go to docs/benchmarks.md.
 
+--part runtimes measures inference where people deploy it: AttentionViG-S/M/B and the peers
+(resnet50, efficientformerv2_s2, fastvit_sa12) in eager PyTorch, torch.compile with freezing and
+ONNX Runtime (attvig_pyg.models.deployment.inference_model, BatchNorm folded everywhere):
+throughput at batch 16 and batch-1 latency (median and p90 of 100 runs), with ONNX Runtime's
+profile by op type, the training step of AttentionViG-S and resnet50 eager and compiled, and
+this machine's matmul rate (what the multiply-adds alone would allow).
+
 --part against DIR times AttentionViG-S and GreedyViG-S with this checkout's library and with
 the one in DIR (another commit's checkout: `git worktree add DIR COMMIT`), interleaved: what a
 change to the library costs. --device cuda times the models on a GPU (bf16 autocast,
 channels_last, eager and compiled) against resnet50 on the same GPU.
 
     python experiments/benchmark_backbone.py [--part models|scaling|all] [--rounds 3]
+    python experiments/benchmark_backbone.py --part runtimes --rounds 2
     python experiments/benchmark_backbone.py --part against /tmp/base --rounds 3
     python experiments/benchmark_backbone.py --device cuda
 """
 import argparse
+import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -66,6 +76,15 @@ GPU_TRAIN = ["resnet50+channels_last+amp", "resnet50+channels_last+amp+compiled"
              "greedyvig_s+channels_last+amp"]
 GPU_PEER = "resnet50+channels_last+amp"
 GPU_INFERENCE_BATCH, GPU_TRAIN_BATCH = 128, 64
+# --part runtimes: where a trained model is deployed.
+RUNTIME_MODELS = ["resnet50", "efficientformerv2_s2", "fastvit_sa12", "attentionvig_s",
+                  "attentionvig_m", "attentionvig_b"]
+RUNTIME_TRAIN = ["resnet50", "resnet50+compiled", "attentionvig_s", "attentionvig_s+compiled"]
+RUNTIME_PROFILED = ["attentionvig_s", "efficientformerv2_s2"]
+LATENCY_RUNS = 100
+# A 1x1 conv of AttentionViG's third stage at batch 16 (192 -> 768 channels on 14x14 maps,
+# channels-last): the multiply-add rate of the layers that dominate these models.
+MATMUL = (16 * 14 * 14, 192, 768)
 
 
 def create(variant: str, features_only: bool = False) -> torch.nn.Module:
@@ -139,6 +158,74 @@ def worker(task: str, variant: str, size: str, repeats: int, device: str = "cpu"
     worker_output(result)
 
 
+def runtime_worker(name: str, runtime: str, repeats: int) -> None:
+    """Batch-16 throughput and batch-1 latency of ``name`` in ``runtime``, in this process;
+    for ONNX Runtime also its profile by op type (another session on the same file)."""
+    from attvig_pyg.models.deployment import inference_model
+    torch.manual_seed(0)
+    folder = tempfile.mkdtemp(prefix="runtime-")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(folder, "inductor")  # a cold cache
+    onnx_path = os.path.join(folder, "model.onnx")
+    started = time.perf_counter()
+    model = inference_model(create(name), runtime, (3, 224, 224), onnx_path=onnx_path)
+    batch = torch.randn(INFERENCE_BATCH, 3, 224, 224)
+    single = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        model(batch)  # compiles (torch.compile) or warms up
+        result = {"prepare_s": time.perf_counter() - started}
+        result.update(measure(lambda: model(batch), repeats))
+        result["images_per_s"] = INFERENCE_BATCH / result["time_s"]
+        for _ in range(5):  # (torch.compile: the batch-1 graph)
+            model(single)
+        latencies = []
+        for _ in range(LATENCY_RUNS):
+            start = time.perf_counter()
+            model(single)
+            latencies.append(time.perf_counter() - start)
+    result["latency_ms"] = 1000 * statistics.median(latencies)
+    result["latency_p90_ms"] = 1000 * statistics.quantiles(latencies, n=10)[-1]
+    if runtime == "onnxruntime" and name in RUNTIME_PROFILED:
+        result["ops"] = onnxruntime_profile(onnx_path, batch)
+    worker_output(result)
+
+
+def onnxruntime_profile(path: str, batch: torch.Tensor) -> Dict[str, float]:
+    """Share of ONNX Runtime's kernel time per op type over three runs of ``batch``, and the
+    nodes it runs per run (``nodes_per_run``)."""
+    import onnxruntime
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.enable_profiling = True
+    options.profile_file_prefix = os.path.join(os.path.dirname(path), "profile")
+    session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    feed = {session.get_inputs()[0].name: batch.numpy()}
+    session.run(None, feed)
+    times, calls = {}, 0
+    session.run(None, feed)
+    with open(session.end_profiling()) as file:
+        events = json.load(file)
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            op = event["args"]["op_name"]
+            times[op] = times.get(op, 0) + event["dur"]
+            calls += 1
+    total = sum(times.values())
+    shares = {op: spent / total for op, spent in sorted(times.items(), key=lambda kv: -kv[1])}
+    return dict(shares, nodes_per_run=calls / 2)
+
+
+def matmul_worker(repeats: int) -> None:
+    """The float32 rate of a 1x1 conv of ``MATMUL``'s size (multiply-adds: the product)."""
+    rows, inner, columns = MATMUL
+    conv = torch.nn.Conv2d(inner, columns, 1).to(memory_format=torch.channels_last)
+    x = torch.randn(16, inner, 14, 14).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        result = measure(lambda: conv(x), max(repeats, 20))
+    result["images_per_s"] = 0.0  # (what measure_all prints)
+    worker_output(result)
+
+
 def base(variant: str) -> str:
     """The network a variant computes (what its parameters and multiply-adds are counted on)."""
     name, *options = variant.split("+")
@@ -167,7 +254,8 @@ def measure_all(runs, rounds: int, repeats: int, device: str = "cpu",
             previous = best.get(run, result)
             best[run] = dict(result, **{key: min(previous[key], result[key])
                                         for key in ("time_s", "peak_mib", "live_mib",
-                                                    "first_step_s")
+                                                    "first_step_s", "prepare_s", "latency_ms",
+                                                    "latency_p90_ms")
                                         if key in result})
             best[run]["images_per_s"] = max(previous["images_per_s"], result["images_per_s"])
     return best
@@ -293,6 +381,66 @@ def against_section(best: Dict, args) -> str:
                             "this peak MiB", "other peak MiB"], rows))
 
 
+def runtimes_section(best: Dict, args) -> str:
+    runtimes = ("eager", "compiled", "onnxruntime")
+    macs = {name: multiply_adds(create(name), 224) for name in RUNTIME_MODELS}
+    rate = MATMUL[0] * MATMUL[1] * MATMUL[2] / best[("matmul", "", "")]["time_s"]
+    peer, baseline = "efficientformerv2_s2", "resnet50"
+    throughput, latency = [], []
+    for name in RUNTIME_MODELS:
+        results = [best[("runtime", name, runtime)] for runtime in runtimes]
+        throughput.append([name, f"{macs[name] / 1e9:.2f}", *[
+            f"{r['images_per_s']:.1f} ({r['images_per_s'] / best[('runtime', peer, rt)]['images_per_s']:.2f}x, "
+            f"{r['images_per_s'] / best[('runtime', baseline, rt)]['images_per_s']:.2f}x)"
+            for r, rt in zip(results, runtimes)], f"{rate / macs[name]:.0f}",
+            " / ".join(f"{r['prepare_s']:.0f}" for r in results[1:])])
+        latency.append([name, *[f"{r['latency_ms']:.1f} / {r['latency_p90_ms']:.1f}"
+                                for r in results],
+                        min(runtimes, key=lambda rt: best[("runtime", name, rt)]["latency_ms"])])
+    train_rows = []
+    reference = best[("train", baseline, "224x224")]
+    for variant in RUNTIME_TRAIN:
+        result = best[("train", variant, "224x224")]
+        eager = best[("train", variant.split("+")[0], "224x224")]
+        train_rows.append([variant, f"{result['images_per_s']:.1f}",
+                           f"{result['images_per_s'] / reference['images_per_s']:.2f}x",
+                           f"{result['images_per_s'] / eager['images_per_s']:.2f}x",
+                           f"{result['peak_mib']:.0f}"])
+    profiles = []
+    for name in RUNTIME_PROFILED:
+        ops = dict(best[("runtime", name, "onnxruntime")]["ops"])
+        nodes = ops.pop("nodes_per_run")
+        top = ", ".join(f"{op} {share * 100:.0f} %" for op, share in list(ops.items())[:8])
+        profiles.append(f"- {name} ({nodes:.0f} nodes per run): {top}")
+    command = "python experiments/benchmark_backbone.py " + " ".join(sys.argv[1:])
+    return (
+        f"Command: `{command.strip()}` ({environment()}; untrained weights; every model x "
+        f"runtime in a fresh process with the training programs' allocator, best of "
+        f"{args.rounds} interleaved rounds). Every model through "
+        "`attvig_pyg.models.deployment.inference_model(model, runtime)`: BatchNorm folded "
+        "(`reparameterize()`, timm's `reparameterize_model` for the peers), then eager; "
+        "`torch.compile` with `freezing`; or exported by torch's dynamo exporter (dynamic "
+        "batch, 224 px) and run by ONNX Runtime's CPU provider at `ORT_ENABLE_ALL` with "
+        "torch's thread count. MACs: `FlopCounterMode` / 2 per image. 'at conv rate': the "
+        "throughput if every multiply-add ran at the rate of a 1x1 conv of AttentionViG's "
+        f"third stage ({MATMUL[1]} -> {MATMUL[2]} channels, 14x14, batch 16, channels-last: "
+        f"{rate / 1e9:.0f} GMAC/s, measured in the same run), the layers that carry most of "
+        "these models' multiply-adds.\n\n"
+        f"Inference, batch {INFERENCE_BATCH}, 224 px, img/s (vs {peer}, vs {baseline} in the "
+        "same runtime):\n\n" + markdown_table(
+            ["model", "MACs (G)", "eager", "compiled + frozen", "ONNX Runtime",
+             "at conv rate", "compile / export s"], throughput) +
+        f"\n\nBatch-1 latency, median / p90 of {LATENCY_RUNS} runs, ms:\n\n" +
+        markdown_table(["model", "eager", "compiled + frozen", "ONNX Runtime", "fastest"],
+                       latency) +
+        f"\n\nTraining step, batch {TRAIN_BATCH}, 224 px (forward, cross-entropy, backward, "
+        "fused AdamW):\n\n" + markdown_table(
+            ["variant", "img/s", f"vs {baseline} eager", "vs its eager", "peak MiB"],
+            train_rows) +
+        "\n\nONNX Runtime's profile at batch 16, share of kernel time by op type:\n\n" +
+        "\n".join(profiles))
+
+
 def gpu_section(best: Dict, args) -> str:
     rows = []
     for task, variants in (("inference", GPU_INFERENCE), ("train", GPU_TRAIN)):
@@ -317,9 +465,11 @@ def gpu_section(best: Dict, args) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=["models", "scaling", "all", "against"], default="all",
-                        help="models at 224 px, AttentionViG-S against input size, both, or "
-                             "this checkout's library against another's (--against)")
+    parser.add_argument("--part", choices=["models", "scaling", "all", "runtimes", "against"],
+                        default="all",
+                        help="models at 224 px, AttentionViG-S against input size, both, the "
+                             "deployment runtimes, or this checkout's library against "
+                             "another's (--against)")
     parser.add_argument("--against", type=Path, default=None, metavar="DIR",
                         help="with --part against: the other checkout (its attvig_pyg/)")
     parser.add_argument("--against-label", default=None,
@@ -333,7 +483,20 @@ def main() -> None:
     check_device(args.device)
     if args.worker:
         task, name, size = args.worker
+        if task == "runtime":
+            return runtime_worker(name, size, args.repeats)
+        if task == "matmul":
+            return matmul_worker(args.repeats)
         return worker(task, name, size, args.repeats, args.device)
+    if args.part == "runtimes":
+        runs = [("matmul", "", "")]
+        runs += [("runtime", name, runtime) for name in RUNTIME_MODELS
+                 for runtime in ("eager", "compiled", "onnxruntime")]
+        runs += [("train", variant, "224x224") for variant in RUNTIME_TRAIN]
+        body = runtimes_section(measure_all(runs, args.rounds, args.repeats), args)
+        update_section("Where people deploy it: eager, compiled and frozen, ONNX Runtime", body)
+        print(body)
+        return
     if args.part == "against":
         if args.against is None or not (args.against / "attvig_pyg").is_dir():
             parser.error("--part against needs --against DIR, a checkout holding attvig_pyg/")

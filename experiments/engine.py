@@ -42,7 +42,7 @@ from timm.utils import (ModelEmaV3, dispatch_clip_grad, distribute_bn, init_dist
 
 import allocator
 import attvig_pyg.models  # noqa: F401  (registers the models with timm)
-from attvig_pyg.models.fusion import fuse_batchnorm
+from attvig_pyg.models.deployment import RUNTIMES, inference_model
 
 log = logging.getLogger("engine")
 
@@ -51,7 +51,7 @@ CHECKPOINT_FORMAT = 3
 # Flags that say where or with what a run computes, not what it computes: a continued run may
 # change them (the data folder may move; what the program records in Setup.info is checked).
 RUN_LOCAL = ("workers", "device", "data_dir", "output", "resume", "eval_only", "checkpoint",
-             "preset")
+             "preset", "runtime")
 # Flags that build the network: --eval-only takes them from the checkpoint.
 MODEL_FLAGS = ("model", "graph", "aggregator", "model_kwargs", "drop_path")
 FUSED_OPTIMIZERS = ("adam", "adamw")  # --opt names whose torch optimizer has a fused kernel
@@ -108,7 +108,10 @@ def add_training_arguments(parser: argparse.ArgumentParser, epochs: int, batch_s
     return group
 
 
-def add_run_arguments(parser: argparse.ArgumentParser, presets: Dict[str, Dict]) -> None:
+def add_run_arguments(parser: argparse.ArgumentParser, presets: Dict[str, Dict],
+                      runtimes: bool = False) -> None:
+    """The run's flags; ``runtimes``: the program evaluates images of ``--img-size`` and offers
+    ``--runtime`` for ``--eval-only``."""
     group = parser.add_argument_group("run")
     if presets:
         group.add_argument("--preset", choices=sorted(presets), default=None,
@@ -125,6 +128,11 @@ def add_run_arguments(parser: argparse.ArgumentParser, presets: Dict[str, Dict])
                        help="only evaluate --checkpoint (the model is rebuilt from its settings)")
     group.add_argument("--checkpoint", type=Path, default=None,
                        help="a checkpoint of this program, for --eval-only")
+    if runtimes:
+        group.add_argument("--runtime", choices=RUNTIMES, default="eager",
+                           help="for --eval-only: eager PyTorch, torch.compile with freezing, or "
+                                "ONNX Runtime on the CPU (docs/deployment.md; which is fastest "
+                                "for which model: docs/benchmarks.md)")
     group.add_argument("--device", default=None,
                        help="cpu, cuda or cuda:N (default: cuda if available); under torchrun "
                             "every process takes cuda:LOCAL_RANK")
@@ -162,6 +170,13 @@ def given_flags(build_parser: Callable[[], argparse.ArgumentParser], argv: Optio
 
 
 def _problems(args) -> Iterator[str]:
+    runtime = getattr(args, "runtime", "eager")
+    if runtime != "eager" and not args.eval_only:
+        yield f"--runtime {runtime} is for --eval-only (training runs eager or --torch-compile)"
+    if runtime == "onnxruntime" and (args.device or "cpu") != "cpu":
+        yield "--runtime onnxruntime runs on the CPU: --device cpu"
+    if runtime == "onnxruntime" and args.amp:
+        yield "--runtime onnxruntime computes in float32: drop --amp"
     if args.eval_only and args.checkpoint is None:
         yield "--eval-only needs --checkpoint PATH"
     if args.eval_only and args.resume:
@@ -1153,8 +1168,12 @@ def evaluate_checkpoint(program: str, args, model_flags: Iterable[str],
             model.load_state_dict(saved[saved["weights"]])
         else:
             load_pretrained(model, args.checkpoint, classifier=True)
-        fuse_batchnorm(model)  # inference: BatchNorm folded into the maps before it
         model.to(world.device)
+        # BatchNorm folded, in the runtime of --runtime (programs of --img-size images).
+        runtime = getattr(args, "runtime", "eager")
+        log.info("evaluating in runtime %s", runtime)
+        model = inference_model(model, runtime, (3, args.img_size, args.img_size)
+                                if runtime == "onnxruntime" else None)
         return task.evaluate(model, eval_loader(evaluation, args, world, collate), world,
                              args), saved
     finally:
@@ -1180,7 +1199,8 @@ def main(program: str, args, build_run: Callable[..., Setup], build_evaluation: 
         metrics, saved = evaluate_checkpoint(program, args, MODEL_FLAGS, build_evaluation)
         origin = (f"{saved['weights']} weights, epoch {saved['epoch']}" if saved is not None
                   else f"weights from elsewhere in {args.model}")
-        print(f"{args.checkpoint} ({origin}): {describe(metrics)} on {data}")
+        runtime = getattr(args, "runtime", "eager")
+        print(f"{args.checkpoint} ({origin}): {describe(metrics)} on {data} (runtime {runtime})")
         return metrics
     summary = train(program, args, build_run)
     best = summary["best"]

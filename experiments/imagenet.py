@@ -6,6 +6,7 @@ recipe (DeiT's, as GreedyViG sets it).
     torchrun --nproc-per-node 16 experiments/imagenet.py --data-dir ...     # many processes
     python experiments/imagenet.py --resume runs/x/last.pth          # continue where it stopped
     python experiments/imagenet.py --eval-only --checkpoint runs/x/best.pth
+    python experiments/imagenet.py --eval-only --checkpoint runs/x/best.pth --runtime onnxruntime
 
 All options: --help. What every run guarantees (exact resume, locks, checkpoints): the engine,
 experiments/engine.py, and docs/training.md.
@@ -89,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="at the end, write experiments/visualize.py's figures of the "
                              "cross-attention into RUN/figures (on in --preset cpu-demo)")
     parser.set_defaults(model_ema=True)  # the recipe keeps an EMA
-    engine.add_run_arguments(parser, PRESETS)
+    engine.add_run_arguments(parser, PRESETS, runtimes=True)
     return parser
 
 
