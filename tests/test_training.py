@@ -190,6 +190,12 @@ def test_eval_only_rebuilds_the_model_from_the_checkpoint(image_folder, tmp_path
     assert best["metric"] == "top1"
     assert f"(model weights, epoch {best['epoch']}): top-1 {best['score']:.2f}%" in printed
     assert "on 12 images" in printed
+    assert "(runtime eager)" in printed
+    # The same accuracy in ONNX Runtime, and the runtime named.
+    imagenet.main(["--eval-only", "--checkpoint", str(tmp_path / "run" / "best.pth"),
+                   "--runtime", "onnxruntime"])
+    printed = capsys.readouterr().out
+    assert f"top-1 {best['score']:.2f}%" in printed and "(runtime onnxruntime)" in printed
     with pytest.raises(SystemExit, match=r"--eval-only(.|\n)*--graph: the run has \"dagc\", this "
                                          r"command \"svga\""):
         imagenet.main(["--eval-only", "--checkpoint", str(tmp_path / "run" / "best.pth"),
@@ -432,6 +438,12 @@ def test_output_under_a_file_is_named(image_folder, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--eval-only"], "--eval-only needs --checkpoint"),
+    (["--runtime", "onnxruntime"], "--runtime onnxruntime is for --eval-only"),
+    (["--runtime", "tensorrt"], "invalid choice: 'tensorrt'"),
+    (["--eval-only", "--checkpoint", __file__, "--runtime", "onnxruntime", "--amp"],
+     "--runtime onnxruntime computes in float32: drop --amp"),
+    (["--eval-only", "--checkpoint", __file__, "--runtime", "onnxruntime", "--device", "cuda"],
+     "--runtime onnxruntime runs on the CPU: --device cpu"),
     (["--teacher-model", "resnet10t"], "needs both --teacher-model"),
     (["--resume", "none.pth"], "no such file"),
     (["--graph", "grid"], "invalid choice: 'grid'"),
