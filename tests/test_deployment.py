@@ -83,3 +83,4 @@ def test_onnxruntime_needs_a_size_and_refuses_others(tmp_path):
     with pytest.raises(ValueError, match=r"exported for images \[batch, 3, 64, 96\] "
                                          r"\(got \(2, 3, 96, 64\)\)"):
         deployed(torch.randn(2, 3, 96, 64))
+

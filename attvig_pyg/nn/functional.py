@@ -4,7 +4,11 @@ normalisation (one implementation for every adjacency form), the aggregation ove
 
 Shapes: queries, keys and values are ``[num_nodes, heads, head_dim]``; similarities and weights
 are ``[*rows, heads, candidates]`` (candidates last, so that the elementwise passes over a dense
-block run along contiguous memory).
+block run along contiguous memory). Over a cyclic adjacency, the rows are ``[num_cycles, T]``
+and the tensors are views of ``[num_cycles, heads, T, ...]`` ones: node values are gathered
+straight into that layout (one permutation of the node-head rows), where a cycle's products
+are batched matmuls with no transpose around them. What this layout is worth in each runtime
+is measured in docs/deployment.md.
 """
 import warnings
 from typing import List, Optional, Sequence, Tuple
