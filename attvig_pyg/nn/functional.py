@@ -184,15 +184,13 @@ def _dense_mask(part: CyclicNeighbours) -> Tensor:
 
 
 def cyclic_scores(query: Tensor, key: Tensor, part: CyclicNeighbours,
-                  rows: Optional[Tuple[Tensor, Optional[Tensor]]] = None
-                  ) -> Tuple[Tensor, Optional[Tensor]]:
+                  rows: Tuple[Tensor, Optional[Tensor]]) -> Tuple[Tensor, Optional[Tensor]]:
     """Every node's query against the keys of its candidates: scores
     ``[num_cycles, T, heads, candidates]`` (a view of a ``[num_cycles, heads, T,
     candidates]`` tensor) and the mask, broadcastable to ``[num_cycles, T, candidates]``, of
     which are edges (``None``: all). Dense parts (:func:`scores_densely`) score all T members
     of the cycle; the others one shift per offset, in the order of ``part.offsets``.
-    ``rows``: :func:`_head_rows` of the part, if already made."""
-    rows = rows or _head_rows(part, query.size(1))
+    ``rows``: :func:`_head_rows` of the part."""
     at_node, keys = _in_cycles(query, part, rows), _in_cycles(key, part, rows)  # [P, H, T, d]
     if scores_densely(part):
         return torch.matmul(at_node, keys.transpose(-1, -2)).transpose(1, 2), _dense_mask(part)
@@ -204,10 +202,10 @@ def cyclic_scores(query: Tensor, key: Tensor, part: CyclicNeighbours,
 
 
 def cyclic_sum(weight: Tensor, value: Tensor, part: CyclicNeighbours,
-               rows: Optional[Tuple[Tensor, Optional[Tensor]]] = None) -> Tensor:
+               rows: Tuple[Tensor, Optional[Tensor]]) -> Tensor:
     """``[num_cycles, heads, T, head_dim]``: every node's sum of its candidates' values, with
-    ``weight`` in the layout of :func:`cyclic_scores`."""
-    values = _in_cycles(value, part, rows or _head_rows(part, value.size(1)))
+    ``weight`` in the layout of :func:`cyclic_scores` (``rows``: :func:`_head_rows`)."""
+    values = _in_cycles(value, part, rows)
     weight = weight.transpose(1, 2)  # [P, H, T, candidates]
     if scores_densely(part):
         return torch.matmul(weight, values)
