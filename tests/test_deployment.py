@@ -22,10 +22,17 @@ def assert_runtime_equals_eager(model, runtime, size, batches=(1, 3)):
     images = {batch: torch.randn(batch, 3, *size) for batch in batches}
     with torch.no_grad():
         expected = {batch: model(x) for batch, x in images.items()}
+    # Dynamo stops compiling a frame after its recompile limit and runs it eagerly: start afresh,
+    # and count the graphs, so that the compiled check cannot pass on the eager model.
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
     deployed = inference_model(copy.deepcopy(model), runtime, (3, *size))
     for batch, x in images.items():
         difference = (deployed(x) - expected[batch]).abs().max().item()
         assert difference < 1e-5, (runtime, size, batch, difference)
+    if runtime == "compiled":
+        assert counters["stats"]["unique_graphs"] >= 1
 
 
 @pytest.mark.parametrize("runtime", [

@@ -5,6 +5,7 @@ eager model computes (tested to 1e-5 in float32). Which is fastest, model by mod
 16 and batch 1, is measured in docs/benchmarks.md; the recipe behind each is in
 docs/deployment.md.
 """
+import importlib.util
 import tempfile
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -24,7 +25,8 @@ def inference_model(model: nn.Module, runtime: str = "eager",
                     input_size: Optional[Sequence[int]] = None,
                     onnx_path: Optional[Union[str, Path]] = None) -> nn.Module:
     """``model`` for inference in ``runtime``: a module that takes images ``[B, C, H, W]`` and
-    returns what ``model`` returns, without gradients.
+    returns what ``model`` returns (``"compiled"`` and ``"onnxruntime"`` without gradients;
+    call the eager one under ``torch.no_grad()``).
 
     Args:
         model: An image classifier or feature extractor (its BatchNorms are folded in place).
@@ -39,14 +41,13 @@ def inference_model(model: nn.Module, runtime: str = "eager",
     """
     if runtime not in RUNTIMES:
         raise ValueError(f"Unknown runtime '{runtime}' (expected one of {', '.join(RUNTIMES)})")
+    if runtime == "onnxruntime":  # (before the model is folded in place)
+        OnnxRuntimeModel.check(model, input_size)
     model = _fold_batchnorm(model)
     if runtime == "eager":
         return model
     if runtime == "compiled":
         return _WithoutGradients(torch.compile(model, options={"freezing": True}))
-    if input_size is None:
-        raise ValueError("runtime='onnxruntime' exports the model for one image size: pass "
-                         "input_size=(channels, height, width)")
     return OnnxRuntimeModel.export(model, tuple(input_size), onnx_path)
 
 
@@ -86,21 +87,27 @@ class OnnxRuntimeModel(nn.Module):
         self.input_size = tuple(input_size)
         self.input_name = session.get_inputs()[0].name
 
+    @staticmethod
+    def check(model: nn.Module, input_size: Optional[Sequence[int]]) -> None:
+        """Raises unless ONNX Runtime is installed, ``model`` is on the CPU and ``input_size``
+        is ``(channels, height, width)``."""
+        if importlib.util.find_spec("onnxruntime") is None or \
+                importlib.util.find_spec("onnxscript") is None:
+            raise ImportError("runtime='onnxruntime' needs onnxruntime and onnxscript (pip "
+                              "install 'attvig_pyg[deploy]')")
+        if any(p.device.type != "cpu" for p in model.parameters()):
+            raise ValueError("runtime='onnxruntime' runs on the CPU: move the model there first")
+        if input_size is None or len(input_size) != 3:
+            raise ValueError(f"runtime='onnxruntime' exports the model for one image size: "
+                             f"pass input_size=(channels, height, width) (got {input_size})")
+
     @classmethod
     def export(cls, model: nn.Module, input_size: Sequence[int],
                onnx_path: Optional[Union[str, Path]] = None) -> "OnnxRuntimeModel":
         """Exports ``model`` (on the CPU) for images of ``input_size`` and any batch, and opens
         an ONNX Runtime session on it: every graph optimisation, as many threads as torch."""
-        try:
-            import onnxruntime
-        except ImportError as error:
-            raise ImportError("runtime='onnxruntime' needs onnxruntime and onnxscript (pip "
-                              "install 'attvig_pyg[deploy]')") from error
-        if any(p.device.type != "cpu" for p in model.parameters()):
-            raise ValueError("runtime='onnxruntime' runs on the CPU: move the model there first")
-        if len(input_size) != 3:
-            raise ValueError(f"Expected input_size as (channels, height, width) (got "
-                             f"{tuple(input_size)})")
+        cls.check(model, input_size)
+        import onnxruntime
         # Batch 2, not 1: the exporter would take a batch of 1 for a constant.
         example = torch.randn(2, *input_size)
         batch = torch.export.Dim("batch", min=1, max=4096)
