@@ -12,7 +12,7 @@ kept. Results go to docs/benchmarks.md.
 ONNX Runtime (attvig_pyg.models.deployment.inference_model, BatchNorm folded everywhere):
 throughput at batch 16 and batch-1 latency (median and p90 of 100 runs), with ONNX Runtime's
 profile by op type, the training step of AttentionViG-S and resnet50 eager and compiled, and
-this machine's matmul rate (what the multiply-adds alone would allow).
+the multiply-add rate of a 1x1 conv, the layers that carry most of these models' work.
 
 --part against DIR times AttentionViG-S and GreedyViG-S with this checkout's library and with
 the one in DIR (another commit's checkout: `git worktree add DIR COMMIT`), interleaved: what a
@@ -84,7 +84,7 @@ RUNTIME_PROFILED = ["attentionvig_s", "efficientformerv2_s2"]
 LATENCY_RUNS = 100
 # A 1x1 conv of AttentionViG's third stage at batch 16 (192 -> 768 channels on 14x14 maps,
 # channels-last): the multiply-add rate of the layers that dominate these models.
-MATMUL = (16 * 14 * 14, 192, 768)
+RATE_CONV = (16 * 14 * 14, 192, 768)
 
 
 def create(variant: str, features_only: bool = False) -> torch.nn.Module:
@@ -190,8 +190,8 @@ def runtime_worker(name: str, runtime: str, repeats: int) -> None:
 
 
 def onnxruntime_profile(path: str, batch: torch.Tensor) -> Dict[str, float]:
-    """Share of ONNX Runtime's kernel time per op type over three runs of ``batch``, and the
-    nodes it runs per run (``nodes_per_run``)."""
+    """Share of ONNX Runtime's kernel time per op type over two runs of ``batch`` (the first
+    one's included), and the nodes it runs per run (``nodes_per_run``)."""
     import onnxruntime
     options = onnxruntime.SessionOptions()
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -215,9 +215,9 @@ def onnxruntime_profile(path: str, batch: torch.Tensor) -> Dict[str, float]:
     return dict(shares, nodes_per_run=calls / 2)
 
 
-def matmul_worker(repeats: int) -> None:
-    """The float32 rate of a 1x1 conv of ``MATMUL``'s size (multiply-adds: the product)."""
-    rows, inner, columns = MATMUL
+def conv_rate_worker(repeats: int) -> None:
+    """The time of the 1x1 conv ``RATE_CONV`` (its multiply-adds: the product of the three)."""
+    rows, inner, columns = RATE_CONV
     conv = torch.nn.Conv2d(inner, columns, 1).to(memory_format=torch.channels_last)
     x = torch.randn(16, inner, 14, 14).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
@@ -384,15 +384,18 @@ def against_section(best: Dict, args) -> str:
 def runtimes_section(best: Dict, args) -> str:
     runtimes = ("eager", "compiled", "onnxruntime")
     macs = {name: multiply_adds(create(name), 224) for name in RUNTIME_MODELS}
-    rate = MATMUL[0] * MATMUL[1] * MATMUL[2] / best[("matmul", "", "")]["time_s"]
+    rate = RATE_CONV[0] * RATE_CONV[1] * RATE_CONV[2] / best[("conv_rate", "", "")]["time_s"]
     peer, baseline = "efficientformerv2_s2", "resnet50"
     throughput, latency = [], []
     for name in RUNTIME_MODELS:
         results = [best[("runtime", name, runtime)] for runtime in runtimes]
-        throughput.append([name, f"{macs[name] / 1e9:.2f}", *[
-            f"{r['images_per_s']:.1f} ({r['images_per_s'] / best[('runtime', peer, rt)]['images_per_s']:.2f}x, "
-            f"{r['images_per_s'] / best[('runtime', baseline, rt)]['images_per_s']:.2f}x)"
-            for r, rt in zip(results, runtimes)], f"{rate / macs[name]:.0f}",
+        def against(result, runtime):
+            return (f"{result['images_per_s']:.1f} (" + ", ".join(
+                f"{result['images_per_s'] / best[('runtime', other, runtime)]['images_per_s']:.2f}x"
+                for other in (peer, baseline)) + ")")
+        throughput.append([name, f"{macs[name] / 1e9:.2f}",
+                           *[against(r, rt) for r, rt in zip(results, runtimes)],
+                           f"{rate / macs[name]:.0f}",
             " / ".join(f"{r['prepare_s']:.0f}" for r in results[1:])])
         latency.append([name, *[f"{r['latency_ms']:.1f} / {r['latency_p90_ms']:.1f}"
                                 for r in results],
@@ -423,7 +426,8 @@ def runtimes_section(best: Dict, args) -> str:
         "batch, 224 px) and run by ONNX Runtime's CPU provider at `ORT_ENABLE_ALL` with "
         "torch's thread count. MACs: `FlopCounterMode` / 2 per image. 'at conv rate': the "
         "throughput if every multiply-add ran at the rate of a 1x1 conv of AttentionViG's "
-        f"third stage ({MATMUL[1]} -> {MATMUL[2]} channels, 14x14, batch 16, channels-last: "
+        f"third stage ({RATE_CONV[1]} -> {RATE_CONV[2]} channels, 14x14, batch 16, "
+        "channels-last: "
         f"{rate / 1e9:.0f} GMAC/s, measured in the same run), the layers that carry most of "
         "these models' multiply-adds.\n\n"
         f"Inference, batch {INFERENCE_BATCH}, 224 px, img/s (vs {peer}, vs {baseline} in the "
@@ -485,11 +489,11 @@ def main() -> None:
         task, name, size = args.worker
         if task == "runtime":
             return runtime_worker(name, size, args.repeats)
-        if task == "matmul":
-            return matmul_worker(args.repeats)
+        if task == "conv_rate":
+            return conv_rate_worker(args.repeats)
         return worker(task, name, size, args.repeats, args.device)
     if args.part == "runtimes":
-        runs = [("matmul", "", "")]
+        runs = [("conv_rate", "", "")]
         runs += [("runtime", name, runtime) for name in RUNTIME_MODELS
                  for runtime in ("eager", "compiled", "onnxruntime")]
         runs += [("train", variant, "224x224") for variant in RUNTIME_TRAIN]
