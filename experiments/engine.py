@@ -104,7 +104,9 @@ def add_training_arguments(parser: argparse.ArgumentParser, epochs: int, batch_s
                        metavar="BACKEND",
                        help="train and evaluate the torch.compile'd model (default backend: "
                             "inductor); the first step's time, the compilation, is logged")
-    group.add_argument("--workers", type=int, default=4, help="data loading processes")
+    group.add_argument("--workers", type=int, default=min(4, len(os.sched_getaffinity(0))),
+                       help="data loading processes (4, or fewer on a machine with fewer cores "
+                            "this process may use: more workers than cores only contend)")
     return group
 
 

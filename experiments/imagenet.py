@@ -28,6 +28,7 @@ from timm.utils import accuracy, unwrap_model
 
 import engine
 from attvig_pyg.data import CLASSES, FashionMNIST, SafeImageFolder, collate_skipping_failed
+from attvig_pyg.models.attentionvig import MIN_INPUT_SIZE
 
 PROGRAM = "imagenet"
 # Settings for 28x28 Fashion-MNIST upscaled to 32 px on a 2-core CPU; explicit flags override.
@@ -112,7 +113,8 @@ def _problems(args):
             if not (args.data_dir / split).is_dir():
                 yield (f"--data-dir: {args.data_dir / split} is missing (expected "
                        "DATA_DIR/train/<class>/* and DATA_DIR/val/<class>/*)")
-    for flag, value, low in (("--img-size", args.img_size, 1),
+    # (The models' total stride: AttentionViG refuses smaller inputs, the others collapse.)
+    for flag, value, low in (("--img-size", args.img_size, MIN_INPUT_SIZE),
                              ("--warmup-epochs", args.warmup_epochs, 0),
                              ("--aug-repeats", args.aug_repeats, 0)):
         if value < low:

@@ -448,6 +448,7 @@ def test_output_under_a_file_is_named(image_folder, tmp_path):
     (["--resume", "none.pth"], "no such file"),
     (["--graph", "grid"], "invalid choice: 'grid'"),
     (["--epochs", "0"], "--epochs must be at least 1 (got 0)"),
+    (["--img-size", "8"], "--img-size must be at least 32 (got 8)"),
     (["--batch-size", "1"], "--batch-size must be at least 2 to train (got 1): BatchNorm"),
     (["--device", "gpu"], "--device: 'gpu' is not a device (expected cpu, cuda or cuda:N)"),
     (["--device", "cuda:1"], "--device: 'cuda:1': CUDA is not available"),
