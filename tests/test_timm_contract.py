@@ -36,6 +36,26 @@ def test_config_names_real_modules(name):
         assert model.get_submodule(classifier).out_features == 7
 
 
+REGISTERED = [f"{family}_{size}" for family in ("attentionvig", "greedyvig")
+              for size in "smb"] + ["vig_ti", "vig_s", "vig_b"]
+
+
+@pytest.mark.parametrize("name", REGISTERED)
+def test_default_configs_as_timm_tests_them(name):
+    """timm's test_model_default_cfgs: at the default input size, forward_features' map has the
+    config's pool_size, and the config's classifier and first conv are parameters."""
+    model = timm.create_model(name).eval()
+    config = model.pretrained_cfg
+    with torch.no_grad():
+        features = model.forward_features(torch.randn(1, *config["input_size"]))
+    assert tuple(features.shape[-2:]) == tuple(config["pool_size"])
+    names = model.state_dict().keys()
+    classifiers = config["classifier"]
+    for prefix in [config["first_conv"], *((classifiers,) if isinstance(classifiers, str)
+                                          else classifiers)]:
+        assert any(key.startswith(prefix) for key in names), prefix
+
+
 @pytest.mark.parametrize("name", list(MODELS))
 def test_classifier_reset_and_pooling(name):
     model = create(name).eval()

@@ -400,7 +400,8 @@ def checkpoint_filter_fn(state_dict, model: "ViG") -> Dict[str, Tensor]:
 
 
 def _cfg(**kwargs) -> Dict:
-    return dict(num_classes=1000, input_size=(3, 224, 224), pool_size=None, crop_pct=0.9,
+    # pool_size: the 14x14 patches of 224 px (patch 16) that forward_features returns.
+    return dict(num_classes=1000, input_size=(3, 224, 224), pool_size=(14, 14), crop_pct=0.9,
                 interpolation="bicubic", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
                 first_conv="stem.0", classifier="head", **kwargs)
 
