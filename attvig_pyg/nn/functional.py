@@ -160,14 +160,16 @@ def _in_cycles(x: Tensor, part: CyclicNeighbours, rows: Tuple[Tensor, Optional[T
     return gathered.view(part.cycles.size(0), x.size(1), part.cycles.size(1), x.size(-1))
 
 
-def _add_to_nodes(out: Tensor, values: Tensor, rows: Tuple[Tensor, Optional[Tensor]]) -> Tensor:
-    """``out`` ``[num_nodes, heads, head_dim]`` plus values in the layout of
-    :func:`_in_cycles`, added to their nodes."""
+def _to_nodes(values: Tensor, rows: Tuple[Tensor, Optional[Tensor]], num_nodes: int) -> Tensor:
+    """Values in the layout of :func:`_in_cycles` as ``[num_nodes, heads, head_dim]`` (zero at
+    nodes no cycle of the part holds)."""
     index, inverse = rows
     flat = values.reshape(-1, values.size(-1))
     if inverse is not None:
-        return out + _PermuteRows.apply(flat, inverse, index).view_as(out)
-    return out.view(-1, out.size(-1)).index_add_(0, index, flat).view_as(out)
+        nodes = _PermuteRows.apply(flat, inverse, index)
+    else:
+        nodes = flat.new_zeros(num_nodes * values.size(1), flat.size(1)).index_add_(0, index, flat)
+    return nodes.view(num_nodes, values.size(1), values.size(-1))
 
 
 def _dense_mask(part: CyclicNeighbours) -> Tensor:
@@ -229,10 +231,14 @@ def cyclic_attention(query: Tensor, key: Tensor, value: Tensor, adjacency: Cycli
                                 [part.cycles for part in adjacency.parts],
                                 [mask for _, mask in scored], log_beta, normalize,
                                 adjacency.num_nodes)
-    out = value.new_zeros(adjacency.num_nodes, *value.shape[1:])
+    out = None
     for part, part_rows, weight in zip(adjacency.parts, rows, weights):
         dropped = torch.nn.functional.dropout(weight, p=dropout, training=training)
-        out = _add_to_nodes(out, cyclic_sum(dropped, value, part, part_rows), part_rows)
+        summed = _to_nodes(cyclic_sum(dropped, value, part, part_rows), part_rows,
+                           adjacency.num_nodes)
+        out = summed if out is None else out + summed
+    if out is None:  # no parts
+        out = value.new_zeros(adjacency.num_nodes, *value.shape[1:])
     return out, weights
 
 
